@@ -1,0 +1,151 @@
+//! The router: read top to bottom to see where a request goes.
+
+use std::{ops::Deref, sync::Arc, time::Duration};
+
+use axum::{
+    http::{header, HeaderName, HeaderValue, Method},
+    routing::{get, post},
+    Router,
+};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+};
+use tower_sessions::{cookie::SameSite, MemoryStore, SessionManagerLayer};
+
+use crate::{
+    clock::{Clock, SystemClock},
+    config::{Config, ConfigError, SessionStoreKind},
+    credentials::{CryptoError, KeyRing},
+    error, health,
+    identity::{IdentityClient, IdentityVerifier},
+    redis_conn::RedisHandle,
+    session::{self, csrf::CsrfPolicy, BffSessionStore, RedisSessionStore, SessionRegistry},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("fernet key ring: {0}")]
+    Crypto(#[from] CryptoError),
+}
+
+/// Everything a request handler may need, built once at start-up.
+pub struct AppInner {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub keyring: Arc<KeyRing>,
+    pub verifier: IdentityVerifier,
+    pub identity: IdentityClient,
+    pub sessions: SessionRegistry,
+    pub csrf: CsrfPolicy,
+    pub redis: Option<RedisHandle>,
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<AppInner>);
+
+impl Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config) -> Result<Self, StartupError> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
+        let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
+        let http = IdentityClient::http_client(&config.identity);
+        let verifier = IdentityVerifier::new(&config.identity.jwt, &config.identity.claims, http.clone())?;
+        let identity = IdentityClient::new(&config.identity, http);
+        let redis = match config.session.store {
+            SessionStoreKind::Redis => Some(RedisHandle::new(
+                config.redis.url.expose(),
+                &config.redis.key_prefix,
+            )?),
+            SessionStoreKind::Memory => None,
+        };
+        let store = match &redis {
+            Some(redis) => BffSessionStore::Redis(RedisSessionStore::new(redis.clone())),
+            None => BffSessionStore::Memory(MemoryStore::default()),
+        };
+        let sessions = SessionRegistry::new(store, redis.clone(), keyring.clone());
+        let csrf = CsrfPolicy::new(&config.csrf);
+        Ok(Self(Arc::new(AppInner {
+            config,
+            clock,
+            keyring,
+            verifier,
+            identity,
+            sessions,
+            csrf,
+            redis,
+        })))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        // Liveness and readiness.
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        // Sign-in, sign-out and the current user (src/session/routes.rs).
+        .route("/auth/login", post(session::routes::login))
+        .route("/auth/session", post(session::routes::exchange))
+        .route("/auth/logout", post(session::routes::logout))
+        .route("/auth/me", get(session::routes::me))
+        // Anything else: JSON 404.
+        .fallback(error::not_found)
+        // Cookie sessions (loaded lazily: only routes that read the session touch the store).
+        .layer(session_layer(&state))
+        .layer(cors_layer(&state.csrf))
+        .layer(CatchPanicLayer::custom(|_| {
+            error::ApiError::Internal.into_response_boxed()
+        }))
+        .with_state(state)
+}
+
+fn session_layer(state: &AppState) -> SessionManagerLayer<BffSessionStore> {
+    let cfg = &state.config;
+    SessionManagerLayer::new(state.sessions.store().clone())
+        .with_name(cfg.cookie_name())
+        .with_http_only(true)
+        .with_secure(cfg.session.cookie_secure)
+        .with_same_site(SameSite::Lax)
+        .with_path("/")
+}
+
+/// Credentialed CORS for the allowlisted origins only; none configured → no CORS headers.
+fn cors_layer(csrf: &CsrfPolicy) -> CorsLayer {
+    let origins: Vec<HeaderValue> = csrf
+        .allowed_origins()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return CorsLayer::new();
+    }
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_credentials(true)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            HeaderName::from_static("x-csrf"),
+            HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(600))
+}

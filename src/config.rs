@@ -1,0 +1,419 @@
+//! Settings: compiled-in defaults (`config/default.toml`) → optional file → `BFF__SECTION__KEY`
+//! environment variables. Unknown keys are errors; secrets may come from `*_file` paths and never
+//! print (see [`Secret`]).
+
+use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The documented defaults, embedded so a zero-config `serve` works.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config: {0}")]
+    Load(String),
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A secret string: redacted in `Debug` and when the effective config is printed.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "<redacted>" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "<redacted>" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub redis: RedisConfig,
+    pub crypto: CryptoConfig,
+    pub session: SessionConfig,
+    pub csrf: CsrfConfig,
+    pub identity: IdentityConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    pub url: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<String>,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoConfig {
+    pub fernet_keys: Vec<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fernet_keys_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStoreKind {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    pub store: SessionStoreKind,
+    pub cookie_name: String,
+    pub cookie_secure: bool,
+    pub idle_timeout_secs: u64,
+    pub absolute_lifetime_secs: u64,
+    pub slide_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrfConfig {
+    pub header_name: String,
+    pub header_value: String,
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub base_url: String,
+    pub token_path: String,
+    pub refresh_path: String,
+    pub identifier_field: String,
+    pub password_field: String,
+    pub access_field: String,
+    pub refresh_field: String,
+    pub refresh_request_field: String,
+    pub refresh_skew_secs: u64,
+    pub timeout_secs: u64,
+    pub jwt: JwtConfig,
+    pub claims: ClaimsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub algorithms: Vec<String>,
+    pub hs_secret: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs_secret_file: Option<String>,
+    pub public_key_pem_file: String,
+    pub jwks_url: String,
+    pub jwks_min_refetch_secs: u64,
+    pub leeway_secs: u64,
+    pub issuer: String,
+    pub audience: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimsConfig {
+    pub user_id: Vec<String>,
+    pub email: String,
+    pub name: String,
+    pub groups: String,
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, std::env::vars())
+    }
+
+    /// As [`Config::load`] with an explicit environment (tests must not mutate the process env).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULT_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env: config::Map<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("BFF__"))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("BFF")
+                .prefix_separator("__")
+                .separator("__")
+                .list_separator(",")
+                .with_list_parse_key("server.trusted_proxies")
+                .with_list_parse_key("crypto.fernet_keys")
+                .with_list_parse_key("csrf.allowed_origins")
+                .with_list_parse_key("identity.jwt.algorithms")
+                .with_list_parse_key("identity.claims.user_id")
+                .try_parsing(true)
+                .source(Some(env)),
+        );
+        let raw = builder
+            .build()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        let mut cfg: Config = raw
+            .try_deserialize()
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        cfg.resolve_secret_files()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = self.redis.url_file.take() {
+            self.redis.url = Secret::new(read_secret_file("redis.url_file", &path)?);
+        }
+        if let Some(path) = self.identity.jwt.hs_secret_file.take() {
+            if !self.identity.jwt.hs_secret.is_empty() {
+                return Err(invalid(
+                    "identity.jwt.hs_secret_file",
+                    "set either hs_secret or hs_secret_file, not both",
+                ));
+            }
+            self.identity.jwt.hs_secret =
+                Secret::new(read_secret_file("identity.jwt.hs_secret_file", &path)?);
+        }
+        if let Some(path) = self.crypto.fernet_keys_file.take() {
+            if !self.crypto.fernet_keys.is_empty() {
+                return Err(invalid(
+                    "crypto.fernet_keys_file",
+                    "set either fernet_keys or fernet_keys_file, not both",
+                ));
+            }
+            let text = read_secret_file("crypto.fernet_keys_file", &path)?;
+            self.crypto.fernet_keys = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(Secret::new)
+                .collect();
+        }
+        Ok(())
+    }
+
+    /// Checks that hold for any deployment; each error names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        self.trusted_proxies()?;
+        let url = self.redis.url.expose();
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://")
+            || url.starts_with("unix://"))
+        {
+            return Err(invalid(
+                "redis.url",
+                "must start with redis://, rediss:// or unix://",
+            ));
+        }
+        if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
+            return Err(invalid(
+                "redis.key_prefix",
+                "must be non-empty, without spaces or braces",
+            ));
+        }
+        for (i, key) in self.crypto.fernet_keys.iter().enumerate() {
+            if fernet::Fernet::new(key.expose().trim()).is_none() {
+                return Err(invalid(
+                    &format!("crypto.fernet_keys[{i}]"),
+                    "not a Fernet key (url-safe base64 of 32 bytes; `librechat-bff keys generate` makes one)",
+                ));
+            }
+        }
+        if self.session.store == SessionStoreKind::Redis && self.crypto.fernet_keys.is_empty() {
+            return Err(invalid(
+                "crypto.fernet_keys",
+                "required when session.store = \"redis\": tokens stored in Redis are encrypted and must stay readable after a restart",
+            ));
+        }
+        let s = &self.session;
+        if s.idle_timeout_secs == 0 {
+            return Err(invalid("session.idle_timeout_secs", "must be > 0"));
+        }
+        if s.absolute_lifetime_secs < s.idle_timeout_secs {
+            return Err(invalid(
+                "session.absolute_lifetime_secs",
+                "must be >= session.idle_timeout_secs",
+            ));
+        }
+        if s.slide_interval_secs >= s.idle_timeout_secs {
+            return Err(invalid(
+                "session.slide_interval_secs",
+                "must be < session.idle_timeout_secs",
+            ));
+        }
+        let name = self.cookie_name();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(invalid(
+                "session.cookie_name",
+                "must be a token of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if name.starts_with("__Host-") && !s.cookie_secure {
+            return Err(invalid(
+                "session.cookie_name",
+                "a __Host- cookie needs session.cookie_secure = true",
+            ));
+        }
+        if http::HeaderName::from_bytes(self.csrf.header_name.as_bytes()).is_err() {
+            return Err(invalid("csrf.header_name", "not a valid HTTP header name"));
+        }
+        if http::HeaderValue::from_str(&self.csrf.header_value).is_err()
+            || self.csrf.header_value.is_empty()
+        {
+            return Err(invalid(
+                "csrf.header_value",
+                "must be a non-empty header value",
+            ));
+        }
+        for origin in &self.csrf.allowed_origins {
+            let ok = url::Url::parse(origin)
+                .map(|u| {
+                    u.origin().ascii_serialization() == origin.trim_end_matches('/')
+                        && u.origin().is_tuple()
+                })
+                .unwrap_or(false);
+            if !ok {
+                return Err(invalid(
+                    "csrf.allowed_origins",
+                    format!("`{origin}` is not an origin like https://app.example.com (scheme, host, optional port; no path)"),
+                ));
+            }
+        }
+        let id = &self.identity;
+        if url::Url::parse(&id.base_url).is_err() {
+            return Err(invalid("identity.base_url", "not a URL"));
+        }
+        for (key, path) in [
+            ("identity.token_path", &id.token_path),
+            ("identity.refresh_path", &id.refresh_path),
+        ] {
+            if !path.starts_with('/') {
+                return Err(invalid(key, "must start with '/'"));
+            }
+        }
+        if id.timeout_secs == 0 {
+            return Err(invalid("identity.timeout_secs", "must be > 0"));
+        }
+        crate::identity::verifier::parse_algorithms(&id.jwt)?;
+        if id.claims.user_id.is_empty() {
+            return Err(invalid(
+                "identity.claims.user_id",
+                "name at least one claim",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|_| invalid("server.listen", "not an address like 127.0.0.1:8080"))
+    }
+
+    pub fn trusted_proxies(&self) -> Result<Vec<IpNet>, ConfigError> {
+        self.server
+            .trusted_proxies
+            .iter()
+            .map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        invalid(
+                            "server.trusted_proxies",
+                            format!("`{s}` is not a CIDR or IP address"),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    pub fn cookie_name(&self) -> String {
+        match self.session.cookie_name.as_str() {
+            "" if self.session.cookie_secure => "__Host-bff".to_owned(),
+            "" => "bff".to_owned(),
+            name => name.to_owned(),
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl SessionConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn absolute_lifetime(&self) -> Duration {
+        Duration::from_secs(self.absolute_lifetime_secs)
+    }
+    pub fn slide_interval(&self) -> Duration {
+        Duration::from_secs(self.slide_interval_secs)
+    }
+}
+
+fn read_secret_file(key: &str, path: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}

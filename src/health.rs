@@ -1,0 +1,28 @@
+//! `/healthz` (the process answers) and `/readyz` (the session store answers).
+
+use axum::{extract::State, http::StatusCode, Json};
+use serde_json::{json, Value};
+
+use crate::{app::AppState, error::problem};
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match &state.redis {
+        None => Json(json!({ "status": "ready", "session_store": "memory" })).into_response(),
+        Some(redis) => match redis.ping().await {
+            Ok(()) => Json(json!({ "status": "ready", "session_store": "redis" })).into_response(),
+            Err(e) => {
+                tracing::warn!(error = %e, "readiness: redis unreachable");
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "session_store_unavailable",
+                    "The session store (Redis) is unreachable.",
+                )
+            }
+        },
+    }
+}

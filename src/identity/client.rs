@@ -1,0 +1,149 @@
+//! Calls the identity service's token endpoints (SimpleJWT by default: `POST /api/token/` and
+//! `POST /api/token/refresh/`). Upstream bodies are never echoed: they may carry tokens.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::config::IdentityConfig;
+
+use super::verifier::VerifyError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityClientError {
+    /// Credentials or refresh token refused (4xx).
+    #[error("the identity service refused the credentials")]
+    Rejected,
+    /// The issued token did not verify.
+    #[error("issued token does not verify: {0}")]
+    Token(#[source] VerifyError),
+    #[error("identity service unreachable: {0}")]
+    Unavailable(String),
+    #[error("identity service answered unexpectedly: {0}")]
+    BadResponse(String),
+}
+
+/// Tokens as the identity service issued them. `refresh` is `None` when a refresh response did
+/// not rotate it.
+#[derive(Clone)]
+pub struct IdentityTokens {
+    pub access: String,
+    pub refresh: Option<String>,
+}
+
+impl std::fmt::Debug for IdentityTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IdentityTokens(<redacted>)")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityClient {
+    http: reqwest::Client,
+    token_url: String,
+    refresh_url: String,
+    identifier_field: String,
+    password_field: String,
+    access_field: String,
+    refresh_field: String,
+    refresh_request_field: String,
+}
+
+impl IdentityClient {
+    pub fn new(cfg: &IdentityConfig, http: reqwest::Client) -> Self {
+        let base = cfg.base_url.trim_end_matches('/');
+        Self {
+            http,
+            token_url: format!("{base}{}", cfg.token_path),
+            refresh_url: format!("{base}{}", cfg.refresh_path),
+            identifier_field: cfg.identifier_field.clone(),
+            password_field: cfg.password_field.clone(),
+            access_field: cfg.access_field.clone(),
+            refresh_field: cfg.refresh_field.clone(),
+            refresh_request_field: cfg.refresh_request_field.clone(),
+        }
+    }
+
+    /// An HTTP client for the identity service: timeouts, no redirects (a redirect from a token
+    /// endpoint is a misconfiguration, not something to follow with a password).
+    pub fn http_client(cfg: &IdentityConfig) -> reqwest::Client {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(cfg.timeout_secs))
+            .connect_timeout(Duration::from_secs(cfg.timeout_secs.min(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new())
+    }
+
+    /// Exchanges a user's identifier (email or username) and password for tokens.
+    pub async fn obtain(
+        &self,
+        identifier: &str,
+        password: &str,
+    ) -> Result<IdentityTokens, IdentityClientError> {
+        let mut body = Map::new();
+        body.insert(self.identifier_field.clone(), identifier.into());
+        body.insert(self.password_field.clone(), password.into());
+        let obj = self.post(&self.token_url, body).await?;
+        let refresh = self.field(&obj, &self.refresh_field);
+        Ok(IdentityTokens {
+            access: self
+                .field(&obj, &self.access_field)
+                .ok_or_else(|| missing(&self.access_field))?,
+            refresh,
+        })
+    }
+
+    /// Trades a refresh token for a new access token (and, with rotation, a new refresh token).
+    pub async fn refresh(&self, refresh: &str) -> Result<IdentityTokens, IdentityClientError> {
+        let mut body = Map::new();
+        body.insert(self.refresh_request_field.clone(), refresh.into());
+        let obj = self.post(&self.refresh_url, body).await?;
+        Ok(IdentityTokens {
+            access: self
+                .field(&obj, &self.access_field)
+                .ok_or_else(|| missing(&self.access_field))?,
+            refresh: self.field(&obj, &self.refresh_field),
+        })
+    }
+
+    async fn post(
+        &self,
+        url: &str,
+        body: Map<String, Value>,
+    ) -> Result<Map<String, Value>, IdentityClientError> {
+        let res = self
+            .http
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| IdentityClientError::Unavailable(e.without_url().to_string()))?;
+        let status = res.status();
+        if status.is_client_error() {
+            return Err(IdentityClientError::Rejected);
+        }
+        if !status.is_success() {
+            return Err(IdentityClientError::Unavailable(format!(
+                "token endpoint answered {status}"
+            )));
+        }
+        match res.json::<Value>().await {
+            Ok(Value::Object(obj)) => Ok(obj),
+            _ => Err(IdentityClientError::BadResponse(
+                "token endpoint did not answer a JSON object".into(),
+            )),
+        }
+    }
+
+    fn field(&self, obj: &Map<String, Value>, name: &str) -> Option<String> {
+        obj.get(name)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    }
+}
+
+fn missing(field: &str) -> IdentityClientError {
+    IdentityClientError::BadResponse(format!("token response lacks `{field}`"))
+}

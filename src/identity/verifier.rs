@@ -1,0 +1,375 @@
+//! Verifies the identity service's access JWTs.
+//!
+//! Only the configured algorithms are accepted and the key family is fixed by config, so neither
+//! `alg: none` nor HS/RS key confusion can pass. Keys come from a shared secret (HS*), a PEM file,
+//! or a JWKS URL that is cached and refetched on an unknown `kid` at most once per interval.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use jsonwebtoken::{
+    decode, decode_header,
+    errors::ErrorKind,
+    jwk::{Jwk, JwkSet},
+    Algorithm, DecodingKey, Validation,
+};
+use serde_json::{Map, Value};
+
+use crate::config::{ClaimsConfig, ConfigError, JwtConfig};
+
+/// Who a verified token says the user is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VerifiedIdentity {
+    pub user_id: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub groups: Vec<String>,
+    /// `exp` of the token (unix seconds).
+    pub expires_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("token is malformed")]
+    Malformed,
+    #[error("token has expired")]
+    Expired,
+    #[error("token is not valid yet")]
+    NotYetValid,
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("algorithm {0} is not accepted")]
+    AlgorithmNotAllowed(String),
+    #[error("issuer is not the configured one")]
+    WrongIssuer,
+    #[error("audience is not the configured one")]
+    WrongAudience,
+    #[error("signing key is unknown")]
+    UnknownKey,
+    #[error("no user id claim")]
+    MissingUserId,
+    #[error("identity token verification is not configured")]
+    NotConfigured,
+    #[error("signing keys cannot be fetched: {0}")]
+    KeysUnavailable(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Hmac,
+    Rsa,
+    Ec,
+}
+
+fn family(alg: Algorithm) -> Option<Family> {
+    use Algorithm::*;
+    match alg {
+        HS256 | HS384 | HS512 => Some(Family::Hmac),
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Some(Family::Rsa),
+        ES256 | ES384 => Some(Family::Ec),
+        _ => None,
+    }
+}
+
+/// Parses `identity.jwt.algorithms` and checks that the key material fits them.
+pub fn parse_algorithms(cfg: &JwtConfig) -> Result<Vec<Algorithm>, ConfigError> {
+    let bad = |reason: String| ConfigError::Invalid {
+        key: "identity.jwt.algorithms".into(),
+        reason,
+    };
+    if cfg.algorithms.is_empty() {
+        return Err(bad("name at least one algorithm".into()));
+    }
+    let mut algs = Vec::new();
+    for name in &cfg.algorithms {
+        let alg: Algorithm = name
+            .to_ascii_uppercase()
+            .parse()
+            .map_err(|_| bad(format!("`{name}` is not a JWT algorithm")))?;
+        if family(alg).is_none() {
+            return Err(bad(format!("`{name}` is not supported")));
+        }
+        algs.push(alg);
+    }
+    let hmac = algs.iter().any(|a| family(*a) == Some(Family::Hmac));
+    let asym = algs.iter().any(|a| family(*a) != Some(Family::Hmac));
+    if hmac && asym {
+        return Err(bad(
+            "HS* cannot be mixed with RS*/ES*/PS* (that invites key confusion)".into(),
+        ));
+    }
+    if asym && cfg.public_key_pem_file.is_empty() && cfg.jwks_url.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "identity.jwt.jwks_url".into(),
+            reason: "RS*/ES*/PS* need identity.jwt.jwks_url or identity.jwt.public_key_pem_file"
+                .into(),
+        });
+    }
+    if asym && !cfg.public_key_pem_file.is_empty() && !cfg.jwks_url.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "identity.jwt.jwks_url".into(),
+            reason: "set either jwks_url or public_key_pem_file, not both".into(),
+        });
+    }
+    if !cfg.jwks_url.is_empty() && url::Url::parse(&cfg.jwks_url).is_err() {
+        return Err(ConfigError::Invalid {
+            key: "identity.jwt.jwks_url".into(),
+            reason: "not a URL".into(),
+        });
+    }
+    Ok(algs)
+}
+
+enum KeySource {
+    /// HS* with no secret configured: every token is rejected.
+    Unconfigured,
+    Static(DecodingKey),
+    Jwks(JwksCache),
+}
+
+struct JwksCache {
+    url: String,
+    http: reqwest::Client,
+    min_refetch: Duration,
+    keys: RwLock<HashMap<String, (Arc<DecodingKey>, Family)>>,
+    /// Serialises fetches and remembers when the last one ran.
+    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+}
+
+pub struct IdentityVerifier {
+    algorithms: Vec<Algorithm>,
+    keys: KeySource,
+    validation: Validation,
+    claims: ClaimsConfig,
+}
+
+impl std::fmt::Debug for IdentityVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityVerifier")
+            .field("algorithms", &self.algorithms)
+            .finish()
+    }
+}
+
+impl IdentityVerifier {
+    pub fn new(
+        cfg: &JwtConfig,
+        claims: &ClaimsConfig,
+        http: reqwest::Client,
+    ) -> Result<Self, ConfigError> {
+        let algorithms = parse_algorithms(cfg)?;
+        let hmac = family(algorithms[0]) == Some(Family::Hmac);
+        let keys = if hmac {
+            if cfg.hs_secret.is_empty() {
+                KeySource::Unconfigured
+            } else {
+                KeySource::Static(DecodingKey::from_secret(cfg.hs_secret.expose().as_bytes()))
+            }
+        } else if !cfg.public_key_pem_file.is_empty() {
+            let pem = std::fs::read(&cfg.public_key_pem_file).map_err(|e| ConfigError::Invalid {
+                key: "identity.jwt.public_key_pem_file".into(),
+                reason: format!("cannot read {}: {e}", cfg.public_key_pem_file),
+            })?;
+            let fam = family(algorithms[0]);
+            let key = match fam {
+                Some(Family::Ec) => DecodingKey::from_ec_pem(&pem),
+                _ => DecodingKey::from_rsa_pem(&pem),
+            }
+            .map_err(|e| ConfigError::Invalid {
+                key: "identity.jwt.public_key_pem_file".into(),
+                reason: format!("not a PEM public key for {:?}: {e}", algorithms[0]),
+            })?;
+            if algorithms.iter().any(|a| family(*a) != fam) {
+                return Err(ConfigError::Invalid {
+                    key: "identity.jwt.algorithms".into(),
+                    reason: "one PEM key serves one family: do not mix RS*/PS* with ES*".into(),
+                });
+            }
+            KeySource::Static(key)
+        } else {
+            KeySource::Jwks(JwksCache {
+                url: cfg.jwks_url.clone(),
+                http,
+                min_refetch: Duration::from_secs(cfg.jwks_min_refetch_secs),
+                keys: RwLock::new(HashMap::new()),
+                last_fetch: tokio::sync::Mutex::new(None),
+            })
+        };
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms.clone();
+        validation.leeway = cfg.leeway_secs;
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        if cfg.issuer.is_empty() {
+            validation.iss = None;
+        } else {
+            validation.set_issuer(&[cfg.issuer.as_str()]);
+        }
+        if cfg.audience.is_empty() {
+            validation.validate_aud = false;
+        } else {
+            validation.set_audience(&[cfg.audience.as_str()]);
+        }
+        Ok(Self {
+            algorithms,
+            keys,
+            validation,
+            claims: claims.clone(),
+        })
+    }
+
+    /// Whether any token can verify at all (false: HS* with no secret).
+    pub fn is_configured(&self) -> bool {
+        !matches!(self.keys, KeySource::Unconfigured)
+    }
+
+    pub async fn verify(&self, token: &str) -> Result<VerifiedIdentity, VerifyError> {
+        let header = decode_header(token).map_err(|_| VerifyError::Malformed)?;
+        if !self.algorithms.contains(&header.alg) {
+            return Err(VerifyError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
+        }
+        let claims = match &self.keys {
+            KeySource::Unconfigured => return Err(VerifyError::NotConfigured),
+            KeySource::Static(key) => self.decode(token, key)?,
+            KeySource::Jwks(cache) => {
+                let key = cache.key_for(header.kid.as_deref(), header.alg).await?;
+                self.decode(token, &key)?
+            }
+        };
+        self.map_claims(&claims)
+    }
+
+    fn decode(&self, token: &str, key: &DecodingKey) -> Result<Map<String, Value>, VerifyError> {
+        decode::<Map<String, Value>>(token, key, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => VerifyError::Expired,
+                ErrorKind::ImmatureSignature => VerifyError::NotYetValid,
+                ErrorKind::InvalidSignature => VerifyError::BadSignature,
+                ErrorKind::InvalidIssuer => VerifyError::WrongIssuer,
+                ErrorKind::InvalidAudience => VerifyError::WrongAudience,
+                ErrorKind::InvalidAlgorithm => VerifyError::AlgorithmNotAllowed("mismatch".into()),
+                ErrorKind::MissingRequiredClaim(c) if c == "iss" => VerifyError::WrongIssuer,
+                ErrorKind::MissingRequiredClaim(c) if c == "aud" => VerifyError::WrongAudience,
+                _ => VerifyError::Malformed,
+            })
+    }
+
+    fn map_claims(&self, claims: &Map<String, Value>) -> Result<VerifiedIdentity, VerifyError> {
+        let user_id = self
+            .claims
+            .user_id
+            .iter()
+            .find_map(|name| match claims.get(name) {
+                Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            })
+            .ok_or(VerifyError::MissingUserId)?;
+        let text = |name: &str| match claims.get(name) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            _ => None,
+        };
+        let groups = match claims.get(&self.claims.groups) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| match v {
+                    Value::String(s) => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Some(Value::String(s)) => s
+                .split([' ', ','])
+                .filter(|g| !g.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let expires_at = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+        Ok(VerifiedIdentity {
+            user_id,
+            email: text(&self.claims.email),
+            name: text(&self.claims.name),
+            groups,
+            expires_at,
+        })
+    }
+}
+
+impl JwksCache {
+    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Arc<DecodingKey>, VerifyError> {
+        let kid = kid.unwrap_or("");
+        let fam = family(alg).ok_or(VerifyError::AlgorithmNotAllowed(format!("{alg:?}")))?;
+        if let Some(key) = self.cached(kid, fam) {
+            return Ok(key);
+        }
+        // Unknown kid: refetch, but at most once per `min_refetch` so junk tokens cannot make us
+        // hammer the identity service.
+        let mut last = self.last_fetch.lock().await;
+        if let Some(key) = self.cached(kid, fam) {
+            return Ok(key);
+        }
+        if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
+            return Err(VerifyError::UnknownKey);
+        }
+        *last = Some(Instant::now());
+        let set = self.fetch().await?;
+        let mut fresh = HashMap::new();
+        for jwk in &set.keys {
+            if let Some((key, fam)) = decoding_key(jwk) {
+                let id = jwk.common.key_id.clone().unwrap_or_default();
+                fresh.insert(id, (Arc::new(key), fam));
+            }
+        }
+        tracing::info!(keys = fresh.len(), url = %self.url, "fetched identity JWKS");
+        if let Ok(mut keys) = self.keys.write() {
+            *keys = fresh;
+        }
+        self.cached(kid, fam).ok_or(VerifyError::UnknownKey)
+    }
+
+    /// The key for `kid`, only if its type fits the token's algorithm family (no confusion).
+    fn cached(&self, kid: &str, fam: Family) -> Option<Arc<DecodingKey>> {
+        let keys = self.keys.read().ok()?;
+        let found = keys.get(kid).or_else(|| {
+            // A token without `kid` is accepted only when the set has exactly one key.
+            (kid.is_empty() && keys.len() == 1)
+                .then(|| keys.values().next())
+                .flatten()
+        })?;
+        (found.1 == fam).then(|| found.0.clone())
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, VerifyError> {
+        let res = self
+            .http
+            .get(&self.url)
+            .send()
+            .await
+            .map_err(|e| VerifyError::KeysUnavailable(e.without_url().to_string()))?;
+        if !res.status().is_success() {
+            return Err(VerifyError::KeysUnavailable(format!(
+                "JWKS answered {}",
+                res.status()
+            )));
+        }
+        res.json::<JwkSet>()
+            .await
+            .map_err(|e| VerifyError::KeysUnavailable(format!("JWKS is not a key set: {e}")))
+    }
+}
+
+/// RSA and EC keys of a JWKS, tagged with their family; anything else is ignored.
+fn decoding_key(jwk: &Jwk) -> Option<(DecodingKey, Family)> {
+    use jsonwebtoken::jwk::AlgorithmParameters as P;
+    let fam = match &jwk.algorithm {
+        P::RSA(_) => Family::Rsa,
+        P::EllipticCurve(_) => Family::Ec,
+        _ => return None,
+    };
+    DecodingKey::from_jwk(jwk).ok().map(|k| (k, fam))
+}

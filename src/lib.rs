@@ -1,0 +1,17 @@
+//! librechat-bff: puts an unmodified LibreChat behind a product's own login.
+//!
+//! Start reading at [`app::router`]: it lists every route and where it goes.
+
+pub mod app;
+pub mod clock;
+pub mod config;
+pub mod credentials;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod identity;
+pub mod lock;
+pub mod redis_conn;
+pub mod serve;
+pub mod session;
+pub mod telemetry;

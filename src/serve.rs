@@ -1,0 +1,95 @@
+//! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain.
+
+use std::{net::SocketAddr, path::Path};
+
+use tokio::net::TcpListener;
+
+use crate::{
+    app::{router, AppState, StartupError},
+    config::{Config, SessionStoreKind},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Startup(#[from] StartupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Logs what the operator needs to know about the configuration in force.
+pub fn announce(config: &Config, config_file: Option<&Path>, state: &AppState) {
+    match config_file {
+        Some(path) => tracing::info!(file = %path.display(), "configuration loaded"),
+        None => tracing::info!(
+            "no --config given: running on the embedded defaults (config/default.toml)"
+        ),
+    }
+    match config.session.store {
+        SessionStoreKind::Memory => tracing::warn!(
+            session_store = "memory",
+            "session store: MEMORY — sessions vanish on restart and are not shared between \
+             replicas; set session.store = \"redis\" for production"
+        ),
+        SessionStoreKind::Redis => tracing::info!(session_store = "redis", "session store: redis"),
+    }
+    if state.keyring.is_ephemeral() {
+        tracing::warn!(
+            "crypto.fernet_keys is empty: using a random key for this process only \
+             (run `librechat-bff keys generate` and configure it)"
+        );
+    }
+    if !state.verifier.is_configured() {
+        tracing::warn!(
+            "identity.jwt.hs_secret is empty: every identity token will be rejected until it is set"
+        );
+    }
+    if !config.session.cookie_secure {
+        tracing::warn!("session.cookie_secure = false: only for local plain-http development");
+    }
+}
+
+pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeError> {
+    let app = router(state);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

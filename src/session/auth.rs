@@ -1,0 +1,202 @@
+//! Who is calling: `Authorization: Bearer <identity JWT>` (mobile) or the session cookie (web).
+//!
+//! The warm cookie path reads the session record once (one Redis GET) and writes it back only
+//! when the idle timer is pushed forward (at most once per `slide_interval`) or the identity
+//! token was refreshed.
+
+use axum::{
+    extract::FromRequestParts,
+    http::{header, request::Parts},
+};
+use time::OffsetDateTime;
+use tower_sessions::{Expiry, Session};
+
+use super::{registry::IdentityTokenSet, SessionData, SessionError, UserInfo, DATA_KEY};
+use crate::{app::AppState, error::ApiError, identity::client::IdentityClientError};
+
+/// An authenticated caller.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub user: UserInfo,
+    /// The cookie session, when authenticated by cookie.
+    pub session: Option<CookieSession>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CookieSession {
+    pub id: String,
+    pub data: SessionData,
+}
+
+/// Extractor: the authenticated caller, idle timer slid.
+#[derive(Debug, Clone)]
+pub struct CurrentUser(pub Authenticated);
+
+impl FromRequestParts<AppState> for CurrentUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(state, parts, true).await.map(CurrentUser)
+    }
+}
+
+/// The bearer token of an `Authorization: Bearer` header (scheme case-insensitive).
+pub fn bearer_token(parts: &Parts) -> Option<&str> {
+    let value = parts.headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Authenticates the request; `slide` pushes the session's idle timer forward.
+pub async fn authenticate(
+    state: &AppState,
+    parts: &Parts,
+    slide: bool,
+) -> Result<Authenticated, ApiError> {
+    if parts.headers.contains_key(header::AUTHORIZATION) {
+        let token = bearer_token(parts).ok_or(ApiError::Unauthenticated)?;
+        let identity = state.verifier.verify(token).await?;
+        return Ok(Authenticated {
+            user: UserInfo::from(&identity),
+            session: None,
+        });
+    }
+    let session = parts
+        .extensions
+        .get::<Session>()
+        .cloned()
+        .ok_or(ApiError::Internal)?;
+    let data: Option<SessionData> = session
+        .get(DATA_KEY)
+        .await
+        .map_err(|e| ApiError::from(SessionError::from(e)))?;
+    let Some(mut data) = data else {
+        return Err(ApiError::Unauthenticated);
+    };
+    let sid = session.id().map(|id| id.to_string()).unwrap_or_default();
+    let now = state.clock.now().unix_timestamp();
+    if now >= data.absolute_expires_at || now >= data.idle_expires_at {
+        end_session(state, &session, &data.user.id, &sid).await;
+        return Err(ApiError::SessionEnded);
+    }
+    state.csrf.check_cookie_request(parts)?;
+
+    let mut changed = false;
+    let skew = state.config.identity.refresh_skew_secs as i64;
+    if now + skew >= data.identity_exp {
+        refresh_identity(state, &session, &sid, &mut data, now).await?;
+        changed = true;
+    }
+    let cfg = &state.config.session;
+    if slide && now - data.last_slide_at >= cfg.slide_interval_secs as i64 {
+        data.idle_expires_at = (now + cfg.idle_timeout_secs as i64).min(data.absolute_expires_at);
+        data.last_slide_at = now;
+        changed = true;
+    }
+    if changed {
+        write_session(&session, &data).await?;
+    }
+    Ok(Authenticated {
+        user: data.user.clone(),
+        session: Some(CookieSession { id: sid, data }),
+    })
+}
+
+/// Stores the session data and pins the record's (and cookie's) expiry to the idle deadline,
+/// which never passes the absolute one.
+pub async fn write_session(session: &Session, data: &SessionData) -> Result<(), ApiError> {
+    session
+        .insert(DATA_KEY, data)
+        .await
+        .map_err(|e| ApiError::from(SessionError::from(e)))?;
+    let until = OffsetDateTime::from_unix_timestamp(data.idle_expires_at)
+        .map_err(|_| ApiError::Internal)?;
+    session.set_expiry(Some(Expiry::AtDateTime(until)));
+    Ok(())
+}
+
+/// Destroys a cookie session everywhere; failures are logged, the caller answers 401 anyway.
+pub async fn end_session(state: &AppState, session: &Session, user_id: &str, sid: &str) {
+    if let Err(e) = state.sessions.forget(user_id, sid).await {
+        tracing::warn!(error = %e, "could not delete ended session");
+    }
+    if let Err(e) = session.flush().await {
+        tracing::warn!(error = %e, "could not flush ended session");
+    }
+}
+
+/// Refreshes the session's identity access token, single-flight per session across requests
+/// and replicas. SimpleJWT rotates and blacklists refresh tokens, so a second refresh with the
+/// same token would end the user's identity session.
+async fn refresh_identity(
+    state: &AppState,
+    session: &Session,
+    sid: &str,
+    data: &mut SessionData,
+    now: i64,
+) -> Result<(), ApiError> {
+    let guard = state.sessions.lock_refresh(sid).await?;
+    let result = refresh_locked(state, session, sid, data, now).await;
+    guard.release().await;
+    result
+}
+
+async fn refresh_locked(
+    state: &AppState,
+    session: &Session,
+    sid: &str,
+    data: &mut SessionData,
+    now: i64,
+) -> Result<(), ApiError> {
+    let Some(current) = state.sessions.tokens(sid).await? else {
+        end_session(state, session, &data.user.id, sid).await;
+        return Err(ApiError::SessionEnded);
+    };
+    if current.access_exp > data.identity_exp {
+        // Another request refreshed while we waited for the lock: adopt its result.
+        data.identity_exp = current.access_exp;
+        return Ok(());
+    }
+    let Some(refresh) = current.refresh.as_deref() else {
+        // Handed over without a refresh token: the session lives as long as the access token.
+        if now < current.access_exp {
+            return Ok(());
+        }
+        end_session(state, session, &data.user.id, sid).await;
+        return Err(ApiError::SessionEnded);
+    };
+    let issued = match state.identity.refresh(refresh).await {
+        Ok(tokens) => tokens,
+        Err(IdentityClientError::Rejected) => {
+            tracing::info!(user = %data.user.id, "identity refresh refused; ending session");
+            end_session(state, session, &data.user.id, sid).await;
+            return Err(ApiError::SessionEnded);
+        }
+        Err(e) if now < current.access_exp => {
+            tracing::warn!(error = %e, "identity refresh failed; the access token is still valid");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let identity = match state.verifier.verify(&issued.access).await {
+        Ok(identity) if identity.user_id == data.user.id => identity,
+        Ok(_) | Err(_) => {
+            tracing::warn!("refreshed identity token does not verify for this user; ending session");
+            end_session(state, session, &data.user.id, sid).await;
+            return Err(ApiError::SessionEnded);
+        }
+    };
+    let tokens = IdentityTokenSet {
+        access: issued.access,
+        // Without rotation the old refresh token stays valid.
+        refresh: issued.refresh.or(current.refresh),
+        access_exp: identity.expires_at,
+    };
+    state.sessions.update_tokens(sid, &tokens).await?;
+    data.identity_exp = identity.expires_at;
+    data.user = UserInfo::from(&identity);
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! `/auth/*`: sign in (password or handed-over token), sign out, and who am I.
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{request::Parts, HeaderMap},
+    Json,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+use tower_sessions::Session;
+
+use super::{
+    auth::{authenticate, bearer_token, end_session, write_session, Authenticated},
+    registry::IdentityTokenSet,
+    SessionData, SessionError, UserInfo,
+};
+use crate::{
+    app::AppState,
+    error::ApiError,
+    extract::{parse_json, JsonBody},
+    identity::{IdentityTokens, VerifiedIdentity},
+};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    email: Option<String>,
+    username: Option<String>,
+    password: String,
+}
+
+/// `POST /auth/login {email|username, password}`: signs in at the identity service and opens a
+/// cookie session.
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    session: Session,
+    JsonBody(body): JsonBody<LoginRequest>,
+) -> Result<Json<Value>, ApiError> {
+    state.csrf.check_origin(&headers)?;
+    let identifier = body
+        .email
+        .or(body.username)
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("Send `email` or `username`.".into()))?;
+    if body.password.is_empty() {
+        return Err(ApiError::BadRequest("Send a non-empty `password`.".into()));
+    }
+    let tokens = state.identity.obtain(&identifier, &body.password).await?;
+    let identity = state
+        .verifier
+        .verify(&tokens.access)
+        .await
+        .map_err(|e| ApiError::from(crate::identity::client::IdentityClientError::Token(e)))?;
+    let data = open_session(&state, &session, &identity, tokens).await?;
+    Ok(Json(me_body(&data.user, Some(&data))))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeRequest {
+    refresh: Option<String>,
+}
+
+/// `POST /auth/session` with `Authorization: Bearer <identity access token>` and optionally
+/// `{refresh}`: the web app, which signs users in itself, hands a user over to a cookie session.
+pub async fn exchange(
+    State(state): State<AppState>,
+    parts: Parts,
+    session: Session,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    state.csrf.check_origin(&parts.headers)?;
+    let access = bearer_token(&parts).ok_or(ApiError::Unauthenticated)?;
+    let body: ExchangeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ExchangeRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let identity = state.verifier.verify(access).await?;
+    let refresh = body.refresh.filter(|r| !r.is_empty());
+    let tokens = IdentityTokens {
+        access: access.to_owned(),
+        refresh,
+    };
+    let data = open_session(&state, &session, &identity, tokens).await?;
+    Ok(Json(me_body(&data.user, Some(&data))))
+}
+
+/// Opens a fresh session for `identity`. Any session the cookie pointed at is ended first and
+/// the id is new, so a planted session id is worthless (no fixation).
+async fn open_session(
+    state: &AppState,
+    session: &Session,
+    identity: &VerifiedIdentity,
+    tokens: IdentityTokens,
+) -> Result<SessionData, ApiError> {
+    let previous: Option<SessionData> = session
+        .get(super::DATA_KEY)
+        .await
+        .map_err(|e| ApiError::from(SessionError::from(e)))?;
+    if let (Some(prev), Some(id)) = (previous, session.id()) {
+        state.sessions.forget(&prev.user.id, &id.to_string()).await?;
+    }
+    session
+        .cycle_id()
+        .await
+        .map_err(|e| ApiError::from(SessionError::from(e)))?;
+    session.clear().await;
+
+    let now = state.clock.now().unix_timestamp();
+    let cfg = &state.config.session;
+    let absolute = now + cfg.absolute_lifetime_secs as i64;
+    let data = SessionData {
+        user: UserInfo::from(identity),
+        created_at: now,
+        absolute_expires_at: absolute,
+        idle_expires_at: (now + cfg.idle_timeout_secs as i64).min(absolute),
+        last_slide_at: now,
+        identity_exp: identity.expires_at,
+    };
+    write_session(session, &data).await?;
+    session
+        .save()
+        .await
+        .map_err(|e| ApiError::from(SessionError::from(e)))?;
+    let sid = session.id().ok_or(ApiError::Internal)?.to_string();
+    let until = OffsetDateTime::from_unix_timestamp(absolute).map_err(|_| ApiError::Internal)?;
+    let stored = IdentityTokenSet {
+        access: tokens.access,
+        refresh: tokens.refresh,
+        access_exp: identity.expires_at,
+    };
+    state
+        .sessions
+        .register(&data.user.id, &sid, &stored, until)
+        .await?;
+    tracing::info!(user = %data.user.id, "session opened");
+    Ok(data)
+}
+
+/// `POST /auth/logout`: ends the cookie session. Idempotent: no session is fine too.
+pub async fn logout(
+    State(state): State<AppState>,
+    parts: Parts,
+    session: Session,
+) -> Result<Json<Value>, ApiError> {
+    let data: Option<SessionData> = session
+        .get(super::DATA_KEY)
+        .await
+        .map_err(|e| ApiError::from(SessionError::from(e)))?;
+    if let (Some(data), Some(id)) = (data, session.id()) {
+        state.csrf.check_cookie_request(&parts)?;
+        end_session(&state, &session, &data.user.id, &id.to_string()).await;
+        tracing::info!(user = %data.user.id, "session closed");
+    }
+    Ok(Json(json!({ "ok": true })))
+}
+
+/// `GET /auth/me[?slide=false]`: the user and the session's deadlines; never a token.
+pub async fn me(State(state): State<AppState>, parts: Parts) -> Result<Json<Value>, ApiError> {
+    let slide = !parts
+        .uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "slide=false" || kv == "slide=0"));
+    let Authenticated { user, session } = authenticate(&state, &parts, slide).await?;
+    Ok(Json(me_body(&user, session.as_ref().map(|s| &s.data))))
+}
+
+fn me_body(user: &UserInfo, data: Option<&SessionData>) -> Value {
+    let session = data.map(|d| {
+        json!({
+            "expires_at": rfc3339(d.absolute_expires_at),
+            "idle_expires_at": rfc3339(d.idle_expires_at),
+        })
+    });
+    json!({ "user": user, "session": session })
+}
+
+fn rfc3339(unix: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
