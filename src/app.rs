@@ -61,7 +61,8 @@ impl AppState {
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
         let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
         let http = IdentityClient::http_client(&config.identity);
-        let verifier = IdentityVerifier::new(&config.identity.jwt, &config.identity.claims, http.clone())?;
+        let verifier =
+            IdentityVerifier::new(&config.identity.jwt, &config.identity.claims, http.clone())?;
         let identity = IdentityClient::new(&config.identity, http);
         let redis = match config.session.store {
             SessionStoreKind::Redis => Some(RedisHandle::new(

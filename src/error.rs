@@ -107,10 +107,8 @@ impl IntoResponse for ApiError {
         }
         let mut res = problem(self.status(), self.code(), &self.message());
         if matches!(self, Self::Unauthenticated | Self::SessionEnded) {
-            res.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            res.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         res
     }

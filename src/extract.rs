@@ -32,7 +32,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 "Send a JSON body with Content-Type: application/json.".into(),
             ));
         }
-        let req = req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, MAX_JSON_BODY)));
+        let req =
+            req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, MAX_JSON_BODY)));
         let body = Bytes::from_request(req, state)
             .await
             .map_err(|_| ApiError::BadRequest("The body is too large or unreadable.".into()))?;

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use librechat_bff::{app::AppState, config::Config, credentials::KeyRing, serve, telemetry};
 
 #[derive(Parser)]
-#[command(name = "librechat-bff", version, about = "Puts an unmodified LibreChat behind your own login")]
+#[command(
+    name = "librechat-bff",
+    version,
+    about = "Puts an unmodified LibreChat behind your own login"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

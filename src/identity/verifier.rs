@@ -169,10 +169,11 @@ impl IdentityVerifier {
                 KeySource::Static(DecodingKey::from_secret(cfg.hs_secret.expose().as_bytes()))
             }
         } else if !cfg.public_key_pem_file.is_empty() {
-            let pem = std::fs::read(&cfg.public_key_pem_file).map_err(|e| ConfigError::Invalid {
-                key: "identity.jwt.public_key_pem_file".into(),
-                reason: format!("cannot read {}: {e}", cfg.public_key_pem_file),
-            })?;
+            let pem =
+                std::fs::read(&cfg.public_key_pem_file).map_err(|e| ConfigError::Invalid {
+                    key: "identity.jwt.public_key_pem_file".into(),
+                    reason: format!("cannot read {}: {e}", cfg.public_key_pem_file),
+                })?;
             let fam = family(algorithms[0]);
             let key = match fam {
                 Some(Family::Ec) => DecodingKey::from_ec_pem(&pem),
@@ -229,7 +230,10 @@ impl IdentityVerifier {
     pub async fn verify(&self, token: &str) -> Result<VerifiedIdentity, VerifyError> {
         let header = decode_header(token).map_err(|_| VerifyError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
-            return Err(VerifyError::AlgorithmNotAllowed(format!("{:?}", header.alg)));
+            return Err(VerifyError::AlgorithmNotAllowed(format!(
+                "{:?}",
+                header.alg
+            )));
         }
         let claims = match &self.keys {
             KeySource::Unconfigured => return Err(VerifyError::NotConfigured),
@@ -301,7 +305,11 @@ impl IdentityVerifier {
 }
 
 impl JwksCache {
-    async fn key_for(&self, kid: Option<&str>, alg: Algorithm) -> Result<Arc<DecodingKey>, VerifyError> {
+    async fn key_for(
+        &self,
+        kid: Option<&str>,
+        alg: Algorithm,
+    ) -> Result<Arc<DecodingKey>, VerifyError> {
         let kid = kid.unwrap_or("");
         let fam = family(alg).ok_or(VerifyError::AlgorithmNotAllowed(format!("{alg:?}")))?;
         if let Some(key) = self.cached(kid, fam) {

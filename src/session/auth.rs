@@ -155,9 +155,10 @@ async fn refresh_locked(
         end_session(state, session, &data.user.id, sid).await;
         return Err(ApiError::SessionEnded);
     };
-    if current.access_exp > data.identity_exp {
+    if current.generation != data.identity_generation {
         // Another request refreshed while we waited for the lock: adopt its result.
         data.identity_exp = current.access_exp;
+        data.identity_generation = current.generation;
         return Ok(());
     }
     let Some(refresh) = current.refresh.as_deref() else {
@@ -184,7 +185,9 @@ async fn refresh_locked(
     let identity = match state.verifier.verify(&issued.access).await {
         Ok(identity) if identity.user_id == data.user.id => identity,
         Ok(_) | Err(_) => {
-            tracing::warn!("refreshed identity token does not verify for this user; ending session");
+            tracing::warn!(
+                "refreshed identity token does not verify for this user; ending session"
+            );
             end_session(state, session, &data.user.id, sid).await;
             return Err(ApiError::SessionEnded);
         }
@@ -194,9 +197,11 @@ async fn refresh_locked(
         // Without rotation the old refresh token stays valid.
         refresh: issued.refresh.or(current.refresh),
         access_exp: identity.expires_at,
+        generation: current.generation + 1,
     };
     state.sessions.update_tokens(sid, &tokens).await?;
     data.identity_exp = identity.expires_at;
+    data.identity_generation = tokens.generation;
     data.user = UserInfo::from(&identity);
     Ok(())
 }

@@ -86,4 +86,6 @@ pub struct SessionData {
     pub last_slide_at: i64,
     /// `exp` of the identity access token as last seen; the registry holds the truth.
     pub identity_exp: i64,
+    /// Generation of the identity tokens this record last saw (see `IdentityTokenSet`).
+    pub identity_generation: u64,
 }

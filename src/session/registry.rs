@@ -31,6 +31,9 @@ pub struct IdentityTokenSet {
     pub refresh: Option<String>,
     /// `exp` of `access` (unix seconds).
     pub access_exp: i64,
+    /// Bumped by every refresh, so a request that waited for the refresh lock can tell that
+    /// another one already refreshed (expiries alone can tie within a second).
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for IdentityTokenSet {
@@ -52,6 +55,7 @@ struct Secrets {
 struct StoredTokens {
     enc: String,
     exp: i64,
+    generation: u64,
 }
 
 #[derive(Default)]
@@ -211,6 +215,7 @@ impl SessionRegistry {
             access: secrets.access,
             refresh: secrets.refresh,
             access_exp: stored.exp,
+            generation: stored.generation,
         }))
     }
 
@@ -321,6 +326,7 @@ impl SessionRegistry {
         Ok(StoredTokens {
             enc: self.keyring.encrypt(&secrets),
             exp: tokens.access_exp,
+            generation: tokens.generation,
         })
     }
 }

@@ -103,7 +103,10 @@ async fn open_session(
         .await
         .map_err(|e| ApiError::from(SessionError::from(e)))?;
     if let (Some(prev), Some(id)) = (previous, session.id()) {
-        state.sessions.forget(&prev.user.id, &id.to_string()).await?;
+        state
+            .sessions
+            .forget(&prev.user.id, &id.to_string())
+            .await?;
     }
     session
         .cycle_id()
@@ -121,6 +124,7 @@ async fn open_session(
         idle_expires_at: (now + cfg.idle_timeout_secs as i64).min(absolute),
         last_slide_at: now,
         identity_exp: identity.expires_at,
+        identity_generation: 0,
     };
     write_session(session, &data).await?;
     session
@@ -133,6 +137,7 @@ async fn open_session(
         access: tokens.access,
         refresh: tokens.refresh,
         access_exp: identity.expires_at,
+        generation: 0,
     };
     state
         .sessions
@@ -162,10 +167,10 @@ pub async fn logout(
 
 /// `GET /auth/me[?slide=false]`: the user and the session's deadlines; never a token.
 pub async fn me(State(state): State<AppState>, parts: Parts) -> Result<Json<Value>, ApiError> {
-    let slide = !parts
-        .uri
-        .query()
-        .is_some_and(|q| q.split('&').any(|kv| kv == "slide=false" || kv == "slide=0"));
+    let slide = !parts.uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "slide=false" || kv == "slide=0")
+    });
     let Authenticated { user, session } = authenticate(&state, &parts, slide).await?;
     Ok(Json(me_body(&user, session.as_ref().map(|s| &s.data))))
 }
@@ -183,6 +188,9 @@ fn me_body(user: &UserInfo, data: Option<&SessionData>) -> Value {
 fn rfc3339(unix: i64) -> String {
     OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }
