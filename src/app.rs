@@ -4,7 +4,7 @@ use std::{ops::Deref, sync::Arc, time::Duration};
 
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
-    routing::{get, post},
+    routing::{any, get, post},
     Router,
 };
 use tower_http::{
@@ -16,9 +16,11 @@ use tower_sessions::{cookie::SameSite, MemoryStore, SessionManagerLayer};
 use crate::{
     clock::{Clock, SystemClock},
     config::{Config, ConfigError, SessionStoreKind},
-    credentials::{CryptoError, KeyRing},
+    credentials::{vault::CredentialVault, CryptoError, KeyRing},
     error, health,
     identity::{IdentityClient, IdentityVerifier},
+    librechat::{LibreChatClient, TokenManager},
+    proxy::{self, Upstream},
     redis_conn::RedisHandle,
     session::{self, csrf::CsrfPolicy, BffSessionStore, RedisSessionStore, SessionRegistry},
 };
@@ -40,7 +42,13 @@ pub struct AppInner {
     pub identity: IdentityClient,
     pub sessions: SessionRegistry,
     pub csrf: CsrfPolicy,
-    pub redis: Option<RedisHandle>,
+    /// Redis: credentials, LibreChat logins, locks, jobs — and sessions when configured.
+    pub redis: RedisHandle,
+    pub vault: CredentialVault,
+    pub tokens: TokenManager,
+    pub upstream: Upstream,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub browser_user_agent: HeaderValue,
 }
 
 #[derive(Clone)]
@@ -64,19 +72,31 @@ impl AppState {
         let verifier =
             IdentityVerifier::new(&config.identity.jwt, &config.identity.claims, http.clone())?;
         let identity = IdentityClient::new(&config.identity, http);
-        let redis = match config.session.store {
-            SessionStoreKind::Redis => Some(RedisHandle::new(
-                config.redis.url.expose(),
-                &config.redis.key_prefix,
-            )?),
-            SessionStoreKind::Memory => None,
-        };
-        let store = match &redis {
-            Some(redis) => BffSessionStore::Redis(RedisSessionStore::new(redis.clone())),
-            None => BffSessionStore::Memory(MemoryStore::default()),
+        let redis = RedisHandle::new(config.redis.url.expose(), &config.redis.key_prefix)?;
+        let store = match config.session.store {
+            SessionStoreKind::Redis => {
+                BffSessionStore::Redis(RedisSessionStore::new(redis.clone()))
+            }
+            SessionStoreKind::Memory => BffSessionStore::Memory(MemoryStore::default()),
         };
         let sessions = SessionRegistry::new(store, redis.clone(), keyring.clone());
+        let vault = CredentialVault::new(redis.clone(), keyring.clone(), clock.clone());
+        let tokens = TokenManager::new(
+            LibreChatClient::new(&config.librechat),
+            vault.clone(),
+            redis.clone(),
+            keyring.clone(),
+            clock.clone(),
+            Duration::from_secs(config.librechat.token_refresh_skew_secs),
+        );
+        let upstream = Upstream::new(&config.librechat)?;
         let csrf = CsrfPolicy::new(&config.csrf);
+        let trusted_proxies = config.trusted_proxies()?;
+        let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
+            .map_err(|_| ConfigError::Invalid {
+                key: "librechat.browser_user_agent".into(),
+                reason: "not a header value".into(),
+            })?;
         Ok(Self(Arc::new(AppInner {
             config,
             clock,
@@ -86,6 +106,11 @@ impl AppState {
             sessions,
             csrf,
             redis,
+            vault,
+            tokens,
+            upstream,
+            trusted_proxies,
+            browser_user_agent,
         })))
     }
 }
@@ -100,6 +125,8 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/session", post(session::routes::exchange))
         .route("/auth/logout", post(session::routes::logout))
         .route("/auth/me", get(session::routes::me))
+        // The product: LibreChat's /api/* as the signed-in user (src/proxy/mod.rs).
+        .route("/api/chat/{*path}", any(proxy::forward))
         // Anything else: JSON 404.
         .fallback(error::not_found)
         // Cookie sessions (loaded lazily: only routes that read the session touch the store).

@@ -17,25 +17,19 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock that moves only when told to (tests).
-#[derive(Debug, Clone)]
-pub struct ManualClock(Arc<Mutex<OffsetDateTime>>);
-
-impl Default for ManualClock {
-    fn default() -> Self {
-        Self(Arc::new(Mutex::new(OffsetDateTime::now_utc())))
-    }
-}
+/// Real time plus an offset that tests push forward to jump over timeouts.
+#[derive(Debug, Clone, Default)]
+pub struct ManualClock(Arc<Mutex<Duration>>);
 
 impl ManualClock {
     pub fn advance(&self, by: std::time::Duration) {
-        let mut now = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *now += Duration::try_from(by).unwrap_or(Duration::ZERO);
+        let mut offset = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *offset += Duration::try_from(by).unwrap_or(Duration::ZERO);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> OffsetDateTime {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+        OffsetDateTime::now_utc() + *self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

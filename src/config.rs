@@ -67,6 +67,22 @@ pub struct Config {
     pub session: SessionConfig,
     pub csrf: CsrfConfig,
     pub identity: IdentityConfig,
+    pub librechat: LibreChatConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LibreChatConfig {
+    pub url: String,
+    pub connect_timeout_secs: u64,
+    pub response_header_timeout_secs: u64,
+    pub stream_idle_timeout_secs: u64,
+    pub token_refresh_skew_secs: u64,
+    pub browser_user_agent: String,
+    pub deny_prefixes: Vec<String>,
+    pub max_request_body_bytes: u64,
+    pub replay_buffer_bytes: usize,
+    pub pool_idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -202,6 +218,7 @@ impl Config {
                 .with_list_parse_key("csrf.allowed_origins")
                 .with_list_parse_key("identity.jwt.algorithms")
                 .with_list_parse_key("identity.claims.user_id")
+                .with_list_parse_key("librechat.deny_prefixes")
                 .try_parsing(true)
                 .source(Some(env)),
         );
@@ -362,6 +379,52 @@ impl Config {
                 "identity.claims.user_id",
                 "name at least one claim",
             ));
+        }
+        self.validate_librechat()?;
+        Ok(())
+    }
+
+    fn validate_librechat(&self) -> Result<(), ConfigError> {
+        let lc = &self.librechat;
+        match url::Url::parse(&lc.url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => {
+                return Err(invalid(
+                    "librechat.url",
+                    "must be an http:// or https:// URL",
+                ))
+            }
+        }
+        for (key, v) in [
+            ("librechat.connect_timeout_secs", lc.connect_timeout_secs),
+            (
+                "librechat.response_header_timeout_secs",
+                lc.response_header_timeout_secs,
+            ),
+            (
+                "librechat.stream_idle_timeout_secs",
+                lc.stream_idle_timeout_secs,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if http::HeaderValue::from_str(&lc.browser_user_agent).is_err()
+            || !crate::client::is_browser_user_agent(&lc.browser_user_agent)
+        {
+            return Err(invalid(
+                "librechat.browser_user_agent",
+                "must be a browser User-Agent (LibreChat bans non-browser agents)",
+            ));
+        }
+        for p in &lc.deny_prefixes {
+            if p.is_empty() || p.starts_with('/') {
+                return Err(invalid(
+                    "librechat.deny_prefixes",
+                    format!("`{p}` must be a path below /api/chat/ without a leading '/', e.g. \"agents/tools\""),
+                ));
+            }
         }
         Ok(())
     }

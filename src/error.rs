@@ -34,6 +34,24 @@ pub enum ApiError {
     SessionStoreUnavailable,
     #[error("not found")]
     NotFound,
+    #[error("the request path is not acceptable")]
+    BadPath,
+    #[error("the request body exceeds the limit")]
+    PayloadTooLarge,
+    #[error("LibreChat is unreachable")]
+    LibreChatUnavailable,
+    #[error("LibreChat did not answer in time")]
+    LibreChatTimeout,
+    #[error("LibreChat refused the user's token")]
+    LibreChatUnauthorized,
+    #[error("the user's LibreChat account is being provisioned")]
+    ProvisioningPending,
+    #[error("the stored LibreChat credential no longer works")]
+    CredentialInvalid,
+    #[error("LibreChat is rate limiting; retry after {0}s")]
+    UpstreamRateLimited(u64),
+    #[error("LibreChat has banned this user or address")]
+    UpstreamBanned,
     #[error("internal error")]
     Internal,
 }
@@ -50,6 +68,15 @@ impl ApiError {
             Self::IdentityUnavailable => StatusCode::BAD_GATEWAY,
             Self::SessionStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::BadPath => StatusCode::BAD_REQUEST,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::LibreChatUnavailable => StatusCode::BAD_GATEWAY,
+            Self::LibreChatUnauthorized => StatusCode::UNAUTHORIZED,
+            Self::LibreChatTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::ProvisioningPending | Self::CredentialInvalid | Self::UpstreamBanned => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UpstreamRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -66,6 +93,15 @@ impl ApiError {
             Self::IdentityUnavailable => "identity_unavailable",
             Self::SessionStoreUnavailable => "session_store_unavailable",
             Self::NotFound => "not_found",
+            Self::BadPath => "bad_path",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::LibreChatUnavailable => "librechat_unavailable",
+            Self::LibreChatUnauthorized => "librechat_unauthorized",
+            Self::LibreChatTimeout => "librechat_timeout",
+            Self::ProvisioningPending => "provisioning_pending",
+            Self::CredentialInvalid => "librechat_credential_invalid",
+            Self::UpstreamRateLimited(_) => "librechat_rate_limited",
+            Self::UpstreamBanned => "librechat_banned",
             Self::Internal => "internal_error",
         }
     }
@@ -87,6 +123,31 @@ impl ApiError {
                 "The session store is unreachable; try again shortly.".into()
             }
             Self::NotFound => "No such route.".into(),
+            Self::BadPath => {
+                "The path has dot segments, encoded slashes, empty segments or control bytes."
+                    .into()
+            }
+            Self::PayloadTooLarge => {
+                "The request body is larger than librechat.max_request_body_bytes.".into()
+            }
+            Self::LibreChatUnavailable => "LibreChat is unreachable; try again shortly.".into(),
+            Self::LibreChatTimeout => "LibreChat did not answer in time.".into(),
+            Self::LibreChatUnauthorized => {
+                "LibreChat refused the user's token; retry the request.".into()
+            }
+            Self::ProvisioningPending => {
+                "Your chat account is being set up; retry in a few seconds.".into()
+            }
+            Self::CredentialInvalid => {
+                "The chat account's stored credential no longer works; an operator must repair it."
+                    .into()
+            }
+            Self::UpstreamRateLimited(s) => {
+                format!("LibreChat is rate limiting; retry after {s} seconds.")
+            }
+            Self::UpstreamBanned => {
+                "LibreChat has temporarily banned this user or address; see the runbook.".into()
+            }
             Self::Internal => "Something went wrong on our side.".into(),
         }
     }
@@ -149,6 +210,26 @@ impl ApiError {
     /// For layers that need a concrete response type (panic handler).
     pub fn into_response_boxed(self) -> Response {
         self.into_response()
+    }
+}
+
+impl From<crate::librechat::TokenError> for ApiError {
+    fn from(e: crate::librechat::TokenError) -> Self {
+        use crate::librechat::TokenError as E;
+        match e {
+            E::ProvisioningPending => Self::ProvisioningPending,
+            E::CredentialInvalid => Self::CredentialInvalid,
+            E::RateLimited(d) => Self::UpstreamRateLimited(d.as_secs().max(1)),
+            E::Banned => Self::UpstreamBanned,
+            E::Unavailable(m) => {
+                tracing::warn!(error = %m, "LibreChat auth call failed");
+                Self::LibreChatUnavailable
+            }
+            E::Store(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                Self::SessionStoreUnavailable
+            }
+        }
     }
 }
 

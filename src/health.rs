@@ -11,9 +11,11 @@ pub async fn healthz() -> Json<Value> {
 
 pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
-    match &state.redis {
-        None => Json(json!({ "status": "ready", "session_store": "memory" })).into_response(),
-        Some(redis) => match redis.ping().await {
+    match state.sessions.store() {
+        crate::session::BffSessionStore::Memory(_) => {
+            Json(json!({ "status": "ready", "session_store": "memory" })).into_response()
+        }
+        crate::session::BffSessionStore::Redis(_) => match state.redis.ping().await {
             Ok(()) => Json(json!({ "status": "ready", "session_store": "redis" })).into_response(),
             Err(e) => {
                 tracing::warn!(error = %e, "readiness: redis unreachable");

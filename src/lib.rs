@@ -3,6 +3,7 @@
 //! Start reading at [`app::router`]: it lists every route and where it goes.
 
 pub mod app;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod credentials;
@@ -10,7 +11,9 @@ pub mod error;
 pub mod extract;
 pub mod health;
 pub mod identity;
+pub mod librechat;
 pub mod lock;
+pub mod proxy;
 pub mod redis_conn;
 pub mod serve;
 pub mod session;

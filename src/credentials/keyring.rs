@@ -103,7 +103,7 @@ mod tests {
     fn first_key_encrypts_every_key_decrypts() {
         let old = KeyRing::generate_key();
         let new = KeyRing::generate_key();
-        let old_ring = KeyRing::from_keys(&[old.clone()]).expect("ring");
+        let old_ring = KeyRing::from_keys(std::slice::from_ref(&old)).expect("ring");
         let token = old_ring.encrypt("s3cret");
         let rotated = KeyRing::from_keys(&[new, old]).expect("ring");
         assert_eq!(rotated.decrypt(&token).expect("decrypts"), "s3cret");

@@ -91,10 +91,10 @@ pub struct SessionRegistry {
 }
 
 impl SessionRegistry {
-    pub fn new(store: BffSessionStore, redis: Option<RedisHandle>, keyring: Arc<KeyRing>) -> Self {
-        let backend = match (&store, redis) {
-            (BffSessionStore::Redis(_), Some(redis)) => Backend::Redis(redis),
-            _ => Backend::Memory(Mutex::default()),
+    pub fn new(store: BffSessionStore, redis: RedisHandle, keyring: Arc<KeyRing>) -> Self {
+        let backend = match &store {
+            BffSessionStore::Redis(_) => Backend::Redis(redis),
+            BffSessionStore::Memory(_) => Backend::Memory(Mutex::default()),
         };
         Self {
             backend,

@@ -1,0 +1,151 @@
+//! Who the end user is on the network: their address (behind trusted proxies) and a User-Agent
+//! LibreChat will accept. LibreChat keys its limiters and bans on the address we forward, and
+//! bans user + address for a non-browser User-Agent, so both matter for every upstream call.
+
+use std::net::{IpAddr, SocketAddr};
+
+use axum::{
+    extract::{ConnectInfo, FromRequestParts},
+    http::{header, request::Parts, HeaderMap, HeaderValue},
+};
+use ipnet::IpNet;
+
+use crate::{app::AppState, error::ApiError};
+
+/// The end user's address and the User-Agent to send upstream on their behalf.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub ip: IpAddr,
+    pub user_agent: HeaderValue,
+    /// Scheme and host the client addressed (for `X-Forwarded-Proto/Host`).
+    pub proto: HeaderValue,
+    pub host: Option<HeaderValue>,
+}
+
+impl FromRequestParts<AppState> for ClientInfo {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .ok_or(ApiError::Internal)?;
+        Ok(client_info(peer, &parts.headers, state))
+    }
+}
+
+pub fn client_info(peer: IpAddr, headers: &HeaderMap, state: &AppState) -> ClientInfo {
+    let trusted = is_trusted(peer, &state.trusted_proxies);
+    let ip = if trusted {
+        end_user_ip(peer, headers, &state.trusted_proxies)
+    } else {
+        peer
+    };
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .filter(|ua| ua.to_str().is_ok_and(is_browser_user_agent))
+        .cloned()
+        .unwrap_or_else(|| state.browser_user_agent.clone());
+    let proto = trusted
+        .then(|| headers.get("x-forwarded-proto").cloned())
+        .flatten()
+        .unwrap_or(HeaderValue::from_static("http"));
+    let host = trusted
+        .then(|| headers.get("x-forwarded-host").cloned())
+        .flatten()
+        .or_else(|| headers.get(header::HOST).cloned());
+    ClientInfo {
+        ip,
+        user_agent,
+        proto,
+        host,
+    }
+}
+
+fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = ip.to_canonical();
+    trusted.iter().any(|net| net.contains(&ip))
+}
+
+/// The right-most `X-Forwarded-For` entry that is not itself a trusted proxy (entries to its
+/// right were appended by our own proxies; anything to its left is client-controlled).
+fn end_user_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let mut candidate = peer;
+    let entries: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for entry in entries.iter().rev() {
+        let Some(ip) = parse_forwarded_ip(entry.trim()) else {
+            break;
+        };
+        candidate = ip;
+        if !is_trusted(ip, trusted) {
+            break;
+        }
+    }
+    candidate.to_canonical()
+}
+
+fn parse_forwarded_ip(s: &str) -> Option<IpAddr> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    if let Ok(sock) = s.parse::<SocketAddr>() {
+        return Some(sock.ip());
+    }
+    s.trim_start_matches('[')
+        .split(']')
+        .next()
+        .and_then(|v| v.parse().ok())
+}
+
+/// Whether LibreChat's `ua-parser-js` check would see a browser: a `Mozilla/` agent naming a
+/// browser engine. `okhttp/…`, `curl/…`, `python-requests/…` and empty agents are not.
+pub fn is_browser_user_agent(ua: &str) -> bool {
+    const BROWSERS: [&str; 8] = [
+        "Chrome/", "Firefox/", "Safari/", "Edg/", "OPR/", "MSIE ", "Trident/", "CriOS/",
+    ];
+    ua.starts_with("Mozilla/") && BROWSERS.iter().any(|b| ua.contains(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|s| s.parse().expect("cidr")).collect()
+    }
+
+    fn xff(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_str(v).expect("value"));
+        h
+    }
+
+    #[test]
+    fn right_most_untrusted_forwarded_address_wins() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let peer: IpAddr = "10.0.0.5".parse().expect("ip");
+        let ip = end_user_ip(peer, &xff("6.6.6.6, 203.0.113.7, 10.1.2.3"), &trusted);
+        assert_eq!(ip, "203.0.113.7".parse::<IpAddr>().expect("ip"));
+        let ip = end_user_ip(peer, &HeaderMap::new(), &trusted);
+        assert_eq!(ip, peer);
+        let ip = end_user_ip(peer, &xff("[2001:db8::1]:443"), &trusted);
+        assert_eq!(ip, "2001:db8::1".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[test]
+    fn browser_agents_are_told_apart() {
+        assert!(is_browser_user_agent(
+            "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.0 Safari/605.1.15"
+        ));
+        assert!(!is_browser_user_agent("okhttp/4.12.0"));
+        assert!(!is_browser_user_agent("curl/8.5.0"));
+        assert!(!is_browser_user_agent(""));
+        assert!(!is_browser_user_agent("Mozilla/5.0"));
+    }
+}

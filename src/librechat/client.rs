@@ -1,0 +1,283 @@
+//! LibreChat's auth routes, exactly as the contract (shared/librechat-contract.md §1–4) says:
+//! the refresh token travels as a cookie we keep ourselves (a cookie jar would not send a
+//! Secure cookie to an internal http URL), redirects are never followed, and every call carries
+//! the end user's address and a browser User-Agent.
+
+use std::time::Duration;
+
+use reqwest::{header, StatusCode};
+use serde_json::{json, Value};
+
+use crate::{client::ClientInfo, config::LibreChatConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibreChatError {
+    #[error("LibreChat refused the email/password")]
+    BadCredentials,
+    #[error("the LibreChat session is gone (refresh refused)")]
+    SessionExpired,
+    #[error("LibreChat rate limit; retry after {}s", retry_after.as_secs())]
+    RateLimited { retry_after: Duration },
+    #[error("LibreChat has banned this user or address")]
+    Banned,
+    #[error("the LibreChat account needs two-factor authentication")]
+    TwoFactorRequired,
+    #[error("LibreChat rejected the request ({status}): {message}")]
+    Rejected { status: u16, message: String },
+    #[error("LibreChat unreachable: {0}")]
+    Unavailable(String),
+    #[error("LibreChat answered unexpectedly: {0}")]
+    Unexpected(String),
+}
+
+/// A LibreChat login: the access token and the refresh cookie that renews it.
+#[derive(Clone)]
+pub struct LibreChatLogin {
+    pub token: String,
+    pub user_id: Option<String>,
+    pub refresh_token: String,
+    /// `exp` of the access token (unix seconds).
+    pub token_exp: i64,
+    /// `exp` of the refresh token: the LibreChat session's fixed end.
+    pub refresh_exp: i64,
+}
+
+impl std::fmt::Debug for LibreChatLogin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibreChatLogin")
+            .field("user_id", &self.user_id)
+            .field("token_exp", &self.token_exp)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LibreChatClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl LibreChatClient {
+    pub fn new(cfg: &LibreChatConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
+            .timeout(Duration::from_secs(cfg.response_header_timeout_secs.max(5)))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Self {
+            http,
+            base: cfg.url.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn post(&self, path: &str, client: &ClientInfo) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("x-forwarded-for", client.ip.to_string())
+            .header(header::USER_AGENT, client.user_agent.clone())
+    }
+
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, LibreChatError> {
+        req.send()
+            .await
+            .map_err(|e| LibreChatError::Unavailable(e.without_url().to_string()))
+    }
+
+    /// `POST /api/auth/login {email, password}` → `{token, user}` + refresh cookie.
+    pub async fn login(
+        &self,
+        email: &str,
+        password: &str,
+        client: &ClientInfo,
+    ) -> Result<LibreChatLogin, LibreChatError> {
+        let res = self
+            .send(
+                self.post("/api/auth/login", client)
+                    .json(&json!({ "email": email, "password": password })),
+            )
+            .await?;
+        let status = res.status();
+        if status == StatusCode::NOT_FOUND {
+            // Passport's "Incorrect password." / "Email does not exist." (contract §2).
+            return Err(LibreChatError::BadCredentials);
+        }
+        if !status.is_success() {
+            return Err(failure(res).await);
+        }
+        let cookie = refresh_cookie(res.headers());
+        let body: Value = res
+            .json()
+            .await
+            .map_err(|_| LibreChatError::Unexpected("login answered non-JSON".into()))?;
+        if body.get("twoFAPending").and_then(Value::as_bool) == Some(true) {
+            return Err(LibreChatError::TwoFactorRequired);
+        }
+        into_login(&body, cookie)
+    }
+
+    /// `POST /api/auth/refresh` with only the Cookie header. The refresh token rotates: the
+    /// returned one replaces the old, which is dead from now on.
+    pub async fn refresh(
+        &self,
+        refresh_token: &str,
+        client: &ClientInfo,
+    ) -> Result<LibreChatLogin, LibreChatError> {
+        let res = self
+            .send(self.post("/api/auth/refresh", client).header(
+                header::COOKIE,
+                format!("refreshToken={refresh_token}; token_provider=librechat"),
+            ))
+            .await?;
+        let status = res.status();
+        let is_json = res
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("application/json"));
+        // 401/403 text, 302 to /login, and 200 text "Refresh token not provided" all mean the
+        // session is gone (contract §3).
+        if status.is_redirection()
+            || status == StatusCode::UNAUTHORIZED
+            || status == StatusCode::FORBIDDEN
+            || (status == StatusCode::OK && !is_json)
+        {
+            return Err(LibreChatError::SessionExpired);
+        }
+        if !status.is_success() {
+            return Err(failure(res).await);
+        }
+        let cookie = refresh_cookie(res.headers());
+        let body: Value = res
+            .json()
+            .await
+            .map_err(|_| LibreChatError::Unexpected("refresh answered non-JSON".into()))?;
+        into_login(&body, cookie)
+    }
+
+    /// `POST /api/auth/logout` with Bearer AND cookie (without the cookie LibreChat may delete an
+    /// arbitrary session of the user, contract §4).
+    pub async fn logout(
+        &self,
+        token: &str,
+        refresh_token: &str,
+        client: &ClientInfo,
+    ) -> Result<(), LibreChatError> {
+        let res = self
+            .send(
+                self.post("/api/auth/logout", client)
+                    .bearer_auth(token)
+                    .header(
+                        header::COOKIE,
+                        format!("refreshToken={refresh_token}; token_provider=librechat"),
+                    ),
+            )
+            .await?;
+        if res.status().is_success() {
+            Ok(())
+        } else {
+            Err(failure(res).await)
+        }
+    }
+
+    /// `POST /api/auth/register`. 200 means created OR already existing (indistinguishable).
+    pub async fn register(
+        &self,
+        name: &str,
+        email: &str,
+        password: &str,
+        client: &ClientInfo,
+    ) -> Result<(), LibreChatError> {
+        let res = self
+            .send(self.post("/api/auth/register", client).json(&json!({
+                "name": name,
+                "email": email,
+                "password": password,
+                "confirm_password": password,
+            })))
+            .await?;
+        if res.status().is_success() {
+            Ok(())
+        } else {
+            Err(failure(res).await)
+        }
+    }
+}
+
+/// Maps a non-success auth-route answer to an error, without keeping LibreChat's body beyond
+/// its `message` (which never holds a secret on these routes).
+async fn failure(res: reqwest::Response) -> LibreChatError {
+    let status = res.status();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        let secs = res
+            .headers()
+            .get(header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(60);
+        return LibreChatError::RateLimited {
+            retry_after: Duration::from_secs(secs),
+        };
+    }
+    if status.is_server_error() {
+        return LibreChatError::Unavailable(format!("LibreChat answered {status}"));
+    }
+    let text = res.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| text.chars().take(200).collect());
+    if status == StatusCode::FORBIDDEN && message.contains("banned") {
+        return LibreChatError::Banned;
+    }
+    LibreChatError::Rejected {
+        status: status.as_u16(),
+        message,
+    }
+}
+
+/// The `refreshToken` value from the response's `Set-Cookie` lines.
+fn refresh_cookie(headers: &header::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|line| {
+            let pair = line.split(';').next()?.trim();
+            let value = pair.strip_prefix("refreshToken=")?;
+            (!value.is_empty()).then(|| value.to_owned())
+        })
+}
+
+fn into_login(body: &Value, cookie: Option<String>) -> Result<LibreChatLogin, LibreChatError> {
+    let token = body
+        .get("token")
+        .and_then(Value::as_str)
+        .ok_or_else(|| LibreChatError::Unexpected("no token in the answer".into()))?
+        .to_owned();
+    let refresh_token =
+        cookie.ok_or_else(|| LibreChatError::Unexpected("no refreshToken cookie".into()))?;
+    // Login answers carry `user.id` and `user._id`; refresh answers only `_id` (contract pitfall 4).
+    let user_id = body
+        .get("user")
+        .and_then(|u| u.get("id").or_else(|| u.get("_id")))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let token_exp = super::jwt_exp(&token)
+        .ok_or_else(|| LibreChatError::Unexpected("access token has no exp".into()))?;
+    let refresh_exp = super::jwt_exp(&refresh_token).unwrap_or(token_exp);
+    Ok(LibreChatLogin {
+        token,
+        user_id,
+        refresh_token,
+        token_exp,
+        refresh_exp,
+    })
+}

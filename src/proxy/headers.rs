@@ -1,0 +1,109 @@
+//! Header rewriting both ways. Requests lose hop-by-hop headers, the client's credentials
+//! (`Cookie`, `Authorization`) and any client-sent forwarding headers; they gain the user's
+//! LibreChat token and forwarding headers we vouch for. Responses lose hop-by-hop headers and
+//! every `Set-Cookie` (LibreChat's cookies are the BFF's business, never the browser's).
+
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
+
+use crate::{client::ClientInfo, librechat::UpstreamToken};
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static CLIENT_ONLY: [HeaderName; 9] = [
+    header::COOKIE,
+    header::AUTHORIZATION,
+    header::HOST,
+    header::UPGRADE,
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("x-csrf"),
+    header::ORIGIN,
+    header::REFERER,
+];
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in `Connection` are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Rewrites the client's request headers in place for LibreChat.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    token: &UpstreamToken,
+    client: &ClientInfo,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    for name in &CLIENT_ONLY {
+        headers.remove(name);
+    }
+    let forwarded: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
+    for name in forwarded {
+        headers.remove(name);
+    }
+    headers.insert(header::AUTHORIZATION, token.authorization.clone());
+    // LibreChat trusts one hop and keys limiters and bans on the right-most entry: send exactly
+    // the end user's address.
+    headers.insert(
+        HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::from_str(&client.ip.to_string())
+            .unwrap_or(HeaderValue::from_static("127.0.0.1")),
+    );
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        client.proto.clone(),
+    );
+    if let Some(host) = &client.host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    }
+    headers.insert(header::USER_AGENT, client.user_agent.clone());
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// Filters LibreChat's response headers in place for the client.
+pub fn filter_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
+    strip_hop_by_hop(headers);
+    headers.remove(header::SET_COOKIE);
+    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// The client's `X-Request-Id` when it is sane, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            v.len() <= 128
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        })
+}
