@@ -34,6 +34,20 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// The credential vault.
+    Credentials {
+        #[command(subcommand)]
+        command: CredentialsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CredentialsCommand {
+    /// Re-encrypt every stored credential under the first key of crypto.fernet_keys.
+    Rotate {
+        #[arg(long, env = "BFF_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -70,6 +84,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Credentials {
+            command: CredentialsCommand::Rotate { config },
+        } => run_async(rotate_credentials(config)),
         Command::Serve { config } => {
             telemetry::init();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -89,6 +106,45 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn run_async<F>(fut: F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<ExitCode, Box<dyn std::error::Error>>>,
+{
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => match rt.block_on(fut) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn rotate_credentials(
+    config_file: Option<PathBuf>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let config = Config::load(config_file.as_deref())?;
+    if config.crypto.fernet_keys.is_empty() {
+        return Err("crypto.fernet_keys is empty: configure the key ring (new key first)".into());
+    }
+    let state = AppState::new(config)?;
+    let report = state.vault.rotate().await?;
+    println!(
+        "credentials: {} total, {} re-encrypted, {} already under the first key, {} failed",
+        report.total, report.rotated, report.already_current, report.failed
+    );
+    Ok(if report.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn run_serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {

@@ -168,3 +168,30 @@ fn check_config_redacts_secrets_and_fails_on_bad_config() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("idle_timout_secs"), "{stderr}");
 }
+
+#[test]
+fn the_example_config_is_valid() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let secrets = dir.path().display().to_string();
+    std::fs::write(dir.path().join("redis_url"), "redis://:pw@redis:6379/0\n").expect("write");
+    std::fs::write(
+        dir.path().join("bff_fernet_keys"),
+        format!(
+            "{}\n{}\n",
+            librechat_bff::credentials::KeyRing::generate_key(),
+            librechat_bff::credentials::KeyRing::generate_key()
+        ),
+    )
+    .expect("write");
+    std::fs::write(dir.path().join("identity_jwt_secret"), "s3cret\n").expect("write");
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/example.toml"
+    ))
+    .expect("example.toml")
+    .replace("/run/secrets", &secrets);
+    let cfg = load_file(&example, &[]).expect("example.toml is valid");
+    assert_eq!(cfg.session.store, SessionStoreKind::Redis);
+    assert_eq!(cfg.crypto.fernet_keys.len(), 2);
+    assert_eq!(cfg.identity.jwt.hs_secret.expose(), "s3cret");
+}

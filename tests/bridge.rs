@@ -1,0 +1,594 @@
+//! The LibreChat bridge end to end: BFF router, real Redis, fake identity service and the fake
+//! LibreChat (which follows shared/librechat-contract.md).
+
+mod support;
+
+use std::{
+    io::{Read, Write},
+    time::{Duration, Instant},
+};
+
+use futures_util::{future::join_all, StreamExt};
+use librechat_bff::credentials::{
+    vault::{CredentialStatus, Password},
+    KeyRing,
+};
+use reqwest::{header, StatusCode};
+use serde_json::{json, Value};
+use support::{
+    bff::{config, TestBff},
+    fake_idp::{FakeIdp, FakeIdpOptions, FakeUser},
+    fake_librechat::{FakeLibreChat, FakeLibreChatOptions},
+    redis::RedisServer,
+};
+
+const ID_PASSWORD: &str = "correct horse battery staple";
+const BROWSER_UA: &str =
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36";
+
+struct World {
+    idp: FakeIdp,
+    lc: FakeLibreChat,
+    redis: RedisServer,
+    key: String,
+}
+
+impl World {
+    async fn new(lc_opts: FakeLibreChatOptions) -> World {
+        let idp = FakeIdp::start(FakeIdpOptions::default()).await;
+        let lc = FakeLibreChat::start(lc_opts).await;
+        let redis = RedisServer::start_with_aof().await;
+        World {
+            idp,
+            lc,
+            redis,
+            key: KeyRing::generate_key(),
+        }
+    }
+
+    async fn bff(&self, extra: &[(&str, String)]) -> TestBff {
+        let mut env = vec![
+            ("BFF__IDENTITY__BASE_URL", self.idp.base_url.clone()),
+            (
+                "BFF__IDENTITY__JWT__HS_SECRET",
+                self.idp.hs_secret().expect("HS256"),
+            ),
+            ("BFF__SESSION__STORE", "redis".into()),
+            ("BFF__REDIS__URL", self.redis.url()),
+            ("BFF__REDIS__KEY_PREFIX", self.redis.key_prefix()),
+            ("BFF__CRYPTO__FERNET_KEYS", self.key.clone()),
+            ("BFF__LIBRECHAT__URL", self.lc.base_url.clone()),
+            ("BFF__LIBRECHAT__CONNECT_TIMEOUT_SECS", "2".into()),
+        ];
+        env.extend(extra.iter().cloned());
+        TestBff::start(config(&env)).await
+    }
+
+    /// A user known to the identity service, with a ready LibreChat account and vault record.
+    async fn user(&self, bff: &TestBff, id: i64) -> String {
+        let email = format!("user{id}@example.com");
+        self.idp.add_user(FakeUser {
+            id,
+            username: format!("user{id}"),
+            email: email.clone(),
+            password: ID_PASSWORD.into(),
+            name: format!("User {id}"),
+            groups: vec![],
+            is_active: true,
+        });
+        let lc_password = format!("lc-pass-{id}-Xy9!long");
+        self.lc.create_user(&email, &lc_password, &format!("User {id}"));
+        let vault = &bff.state.vault;
+        let record = vault.new_record(
+            &id.to_string(),
+            &email,
+            None,
+            &Password::new(lc_password),
+            CredentialStatus::Ready,
+        );
+        vault.put(&record).await.expect("seed vault");
+        email
+    }
+
+    fn bearer(&self, id: i64) -> String {
+        self.idp.mint_access(id, Duration::from_secs(600))
+    }
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+async fn get_json(bff: &TestBff, path: &str, bearer: &str) -> (StatusCode, Value) {
+    let res = http()
+        .get(format!("{}{path}", bff.base_url))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .expect("send");
+    assert!(
+        res.headers().get(header::SET_COOKIE).is_none(),
+        "LibreChat's Set-Cookie must never reach the client"
+    );
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+fn chat_body(text: &str) -> Value {
+    json!({
+        "text": text,
+        "parentMessageId": "00000000-0000-0000-0000-000000000000",
+        "conversationId": "new",
+        "endpoint": "FakeAI",
+        "endpointType": "custom",
+        "model": "fake-model",
+    })
+}
+
+#[tokio::test]
+async fn cookie_and_bearer_sessions_of_one_user_share_one_librechat_login() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 7).await;
+
+    // Web: cookie session; starts a conversation and reads its stream to the end.
+    let mut browser = bff.client();
+    assert_eq!(browser.login("user7", ID_PASSWORD).await.status, StatusCode::OK);
+    let started = browser.post("/api/chat/agents/chat/FakeAI", chat_body("hello")).await;
+    assert_eq!(started.status, StatusCode::OK, "{}", started.body);
+    let stream_id = started.body["streamId"].as_str().expect("streamId").to_owned();
+    let stream = browser
+        .get(&format!("/api/chat/agents/chat/stream/{stream_id}"))
+        .await;
+    assert_eq!(stream.status, StatusCode::OK);
+
+    // Mobile: Bearer identity JWT; sees the same conversation.
+    let (status, convos) = get_json(&bff, "/api/chat/convos", &w.bearer(7)).await;
+    assert_eq!(status, StatusCode::OK, "{convos}");
+    let ids: Vec<&str> = convos["conversations"]
+        .as_array()
+        .expect("conversations")
+        .iter()
+        .filter_map(|c| c["conversationId"].as_str())
+        .collect();
+    assert!(ids.contains(&stream_id.as_str()), "{convos}");
+    assert_eq!(w.lc.login_calls(), 1, "one LibreChat login for both");
+}
+
+#[tokio::test]
+async fn sse_frames_reach_the_client_before_the_stream_ends() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 8).await;
+    let bearer = w.bearer(8);
+    let started = http()
+        .post(format!("{}/api/chat/agents/chat/FakeAI", bff.base_url))
+        .bearer_auth(&bearer)
+        .json(&chat_body("stream please"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(started.status(), StatusCode::OK);
+    let started: Value = started.json().await.expect("json");
+    let stream_id = started["streamId"].as_str().expect("streamId").to_owned();
+
+    let gate = w.lc.hold_stream_end();
+    let res = http()
+        .get(format!(
+            "{}/api/chat/agents/chat/stream/{stream_id}",
+            bff.base_url
+        ))
+        .bearer_auth(&bearer)
+        .header(header::ACCEPT, "text/event-stream")
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers()[header::CONTENT_TYPE]
+        .to_str()
+        .expect("ct")
+        .starts_with("text/event-stream"));
+    assert!(res.headers().get(header::SET_COOKIE).is_none());
+    let mut body = res.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\n\n") {
+        let chunk = body.next().await.expect("a frame before the end").expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.starts_with("event: message"), "{seen}");
+    assert!(!seen.contains("\"final\":true"), "the last frame is still held");
+    gate.release();
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    }
+    assert!(seen.contains("\"final\":true"), "{seen}");
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_50_mb_upload_streams_through_in_field_order() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 9).await;
+    let bearer = w.bearer(9);
+    // Warm up: the user's LibreChat login happens before measuring.
+    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+
+    const SIZE: usize = 50 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    let boundary = "----bffTestBoundary7MA4YWxkTrZu0gW";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"endpoint\"\r\n\r\nFakeAI\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"endpointType\"\r\n\r\ncustom\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\nContent-Type: text/plain\r\n\r\n"
+    );
+    let tail = format!(
+        "\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file_id\"\r\n\r\n6f1c2c61-3c7b-4a43-9a57-3b2c1d0e9f10\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"message_file\"\r\n\r\ntrue\r\n--{boundary}--\r\n"
+    );
+    let chunk = bytes::Bytes::from(vec![b'a'; CHUNK]);
+    let parts = std::iter::once(bytes::Bytes::from(head))
+        .chain(std::iter::repeat_n(chunk, SIZE / CHUNK))
+        .chain(std::iter::once(bytes::Bytes::from(tail)));
+    let stream = futures_util::stream::iter(parts.map(Ok::<_, std::io::Error>));
+
+    let before = peak_rss_kib();
+    let res = http()
+        .post(format!("{}/api/chat/files", bff.base_url))
+        .bearer_auth(&bearer)
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .expect("upload");
+    let status = res.status();
+    let body = res.text().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let growth_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
+    // Client, BFF and fake all run in this process: buffering anywhere would add >= 50 MiB.
+    assert!(growth_mib < 20, "peak RSS grew by {growth_mib} MiB");
+
+    let upload = w.lc.uploads().pop().expect("the fake saw the upload");
+    assert_eq!(upload.file_bytes, SIZE as u64);
+    assert_eq!(
+        upload.field_names,
+        vec!["endpoint", "endpointType", "file", "file_id", "message_file"]
+    );
+}
+
+#[tokio::test]
+async fn two_hundred_requests_with_an_expired_token_refresh_once_even_on_two_replicas() {
+    let w = World::new(FakeLibreChatOptions {
+        access_token_lifetime: Duration::from_secs(2),
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let skew = [("BFF__LIBRECHAT__TOKEN_REFRESH_SKEW_SECS", "0".to_string())];
+    let a = w.bff(&skew).await;
+    let b = w.bff(&skew).await;
+    w.user(&a, 10).await;
+    let bearer = w.bearer(10);
+    assert_eq!(get_json(&a, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(get_json(&b, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(w.lc.login_calls(), 1, "replica b adopted a's login");
+    assert_eq!(w.lc.refresh_calls(), 0);
+
+    // Let the 2 s access token expire for real (JWT exp has one-second resolution).
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let requests = (0..200).map(|i| {
+        let base = if i % 2 == 0 { &a.base_url } else { &b.base_url };
+        let url = format!("{base}/api/chat/convos");
+        let bearer = bearer.clone();
+        async move {
+            http()
+                .get(url)
+                .bearer_auth(bearer)
+                .send()
+                .await
+                .expect("send")
+                .status()
+        }
+    });
+    let statuses = join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
+    assert_eq!(w.lc.refresh_calls(), 1, "exactly one refresh for 200 requests");
+    assert_eq!(w.lc.login_calls(), 1);
+}
+
+#[tokio::test]
+async fn a_deleted_librechat_session_is_replaced_by_a_new_login() {
+    let w = World::new(FakeLibreChatOptions {
+        access_token_lifetime: Duration::from_secs(60),
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    // Skew beyond the token lifetime: every request renews, so the refresh path is exercised.
+    let bff = w
+        .bff(&[("BFF__LIBRECHAT__TOKEN_REFRESH_SKEW_SECS", "120".to_string())])
+        .await;
+    let email = w.user(&bff, 11).await;
+    let bearer = w.bearer(11);
+    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!((w.lc.login_calls(), w.lc.refresh_calls()), (1, 1));
+
+    w.lc.delete_user_sessions(&email);
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(w.lc.login_calls(), 2, "the refused refresh led to a new login");
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_user_keeps_their_own_address() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[("BFF__SERVER__TRUSTED_PROXIES", "127.0.0.1/32".to_string())])
+        .await;
+    for id in 100..120 {
+        w.user(&bff, id).await;
+    }
+    for id in 100..120 {
+        let res = http()
+            .get(format!("{}/api/chat/convos", bff.base_url))
+            .bearer_auth(w.bearer(id))
+            .header("X-Forwarded-For", format!("6.6.6.6, 198.51.100.{id}"))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(res.status(), StatusCode::OK, "user {id}");
+    }
+    assert_eq!(w.lc.login_calls(), 20, "no login hit the limiter");
+    let logins: Vec<String> = w
+        .lc
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/api/auth/login"))
+        .filter_map(|r| {
+            r.headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect();
+    let expected: Vec<String> = (100..120).map(|i| format!("198.51.100.{i}")).collect();
+    assert_eq!(logins, expected);
+}
+
+#[tokio::test]
+async fn an_untrusted_peers_forwarded_for_is_ignored() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 130).await;
+    let res = http()
+        .get(format!("{}/api/chat/convos", bff.base_url))
+        .bearer_auth(w.bearer(130))
+        .header("X-Forwarded-For", "203.0.113.66")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::OK);
+    let seen: Vec<String> = w
+        .lc
+        .requests()
+        .into_iter()
+        .filter_map(|r| {
+            r.headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(!seen.is_empty());
+    assert!(seen.iter().all(|x| x == "127.0.0.1"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn forwarded_requests_carry_the_librechat_token_address_and_a_browser_agent() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 12).await;
+    let bearer = w.bearer(12);
+    let res = http()
+        .get(format!("{}/api/chat/convos?limit=5", bff.base_url))
+        .bearer_auth(&bearer)
+        .header(header::COOKIE, "something=secret")
+        .header("X-Forwarded-Host", "spoofed.example")
+        .header("X-Request-Id", "req-12345")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-request-id"], "req-12345");
+    let fwd = w
+        .lc
+        .requests()
+        .into_iter()
+        .find(|r| r.path.starts_with("/api/convos"))
+        .expect("forwarded");
+    assert_eq!(fwd.path, "/api/convos?limit=5");
+    let h = &fwd.headers;
+    let auth = h[header::AUTHORIZATION].to_str().expect("auth");
+    assert!(auth.starts_with("Bearer ") && !auth.contains(&bearer), "LibreChat's own token");
+    assert!(h.get(header::COOKIE).is_none(), "client cookies stay at the BFF");
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_ne!(h.get("x-forwarded-host").map(|v| v.as_bytes()), Some(&b"spoofed.example"[..]));
+    assert_eq!(h["x-request-id"], "req-12345");
+    assert_eq!(h[header::USER_AGENT], BROWSER_UA);
+}
+
+#[tokio::test]
+async fn a_mobile_okhttp_client_is_not_banned() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 13).await;
+    let res = http()
+        .post(format!("{}/api/chat/agents/chat/FakeAI", bff.base_url))
+        .bearer_auth(w.bearer(13))
+        .header(header::USER_AGENT, "okhttp/4.12.0")
+        .json(&chat_body("from android"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::OK);
+    let body: Value = res.json().await.expect("JSON, not an SSE error");
+    assert!(body["streamId"].is_string(), "{body}");
+    assert!(!w.lc.is_banned_ip("127.0.0.1"));
+}
+
+/// Sends a request line byte for byte (HTTP clients normalise `..` away before sending).
+fn raw_status(base_url: &str, path: &str, bearer: &str) -> u16 {
+    let addr = base_url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn traversal_is_400_and_librechat_auth_is_404() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 14).await;
+    let bearer = w.bearer(14);
+    let base = bff.base_url.clone();
+    let b2 = bearer.clone();
+    let statuses = tokio::task::spawn_blocking(move || {
+        [
+            "/api/chat/../auth/login",
+            "/api/chat/%2e%2e/auth/login",
+            "/api/chat/convos%2f..%2f..%2fauth",
+            "/api/chat//convos",
+            "/api/chat/convos\\..",
+            "/api/chat/convos/%00",
+            "/api/chat/auth/logout",
+        ]
+        .map(|p| (p, raw_status(&base, p, &b2)))
+    })
+    .await
+    .expect("join");
+    for (path, status) in &statuses[..6] {
+        assert_eq!(*status, 400, "{path}");
+    }
+    assert_eq!(statuses[6].1, 404, "LibreChat's auth routes are the BFF's");
+    assert!(
+        w.lc.requests().iter().all(|r| !r.path.contains("logout")),
+        "nothing reached LibreChat"
+    );
+}
+
+#[tokio::test]
+async fn librechat_down_is_a_quick_502_and_recovers() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 15).await;
+    let bearer = w.bearer(15);
+    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+
+    w.lc.go_down().await;
+    let started = Instant::now();
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(body["error"], "librechat_unavailable");
+    assert!(started.elapsed() < Duration::from_secs(3), "within the connect timeout");
+    // Sign-in does not depend on LibreChat.
+    let mut browser = bff.client();
+    assert_eq!(browser.login("user15", ID_PASSWORD).await.status, StatusCode::OK);
+
+    w.lc.come_back().await;
+    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn redis_down_is_503_and_recovers() {
+    let mut w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 16).await;
+    let mut browser = bff.client();
+    assert_eq!(browser.login("user16", ID_PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+
+    w.redis.stop().await;
+    let res = browser.get("/api/chat/convos").await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.body["error"], "session_store_unavailable");
+
+    w.redis.restart().await;
+    let res = browser.get("/api/chat/convos").await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+}
+
+#[tokio::test]
+async fn unprovisioned_users_get_503_with_retry_after() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(99)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "provisioning_pending");
+}
+
+#[tokio::test]
+async fn a_refused_stored_password_marks_the_credential_drifted() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    let email = w.user(&bff, 17).await;
+    w.lc.set_password(&email, "changed-behind-our-back-1");
+    let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(17)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "librechat_credential_invalid");
+    let record = bff.state.vault.get("17").await.expect("vault").expect("record");
+    assert_eq!(record.status, CredentialStatus::Drifted);
+    assert!(!body.to_string().contains("changed-behind"));
+}
+
+#[tokio::test]
+async fn unauthenticated_proxy_calls_are_401_json() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    let res = http()
+        .get(format!("{}/api/chat/convos", bff.base_url))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"], "unauthenticated");
+    assert!(w.lc.requests().is_empty());
+}
+
+#[tokio::test]
+async fn cookie_requests_to_the_proxy_need_the_csrf_header() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 18).await;
+    let mut browser = bff.client();
+    assert_eq!(browser.login("user18", ID_PASSWORD).await.status, StatusCode::OK);
+    browser.csrf = false;
+    let res = browser.post("/api/chat/agents/chat/FakeAI", chat_body("x")).await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN);
+    assert_eq!(res.body["error"], "csrf_rejected");
+    assert!(w.lc.requests().iter().all(|r| !r.path.starts_with("/api/agents")));
+}
