@@ -1,4 +1,14 @@
 //! Redis-backed job queue and the LibreChat account provisioning workflow.
 //!
-//! The queue arrives with the provisioning issue; this crate exists now so the workspace
-//! layout is stable.
+//! The queue ([`queue`]) is generic at-least-once machinery on Redis Streams; workers
+//! ([`worker`]) run jobs; the workflow ([`workflow`]) decides what to do for one user and talks
+//! to LibreChat and the credential vault through [`workflow::AccountBackend`], which the service
+//! implements.
+
+pub mod queue;
+pub mod worker;
+pub mod workflow;
+
+pub use queue::{Delivery, Job, JobQueue, JobState, ProvisionRequest, QueueConfig, QueueError};
+pub use worker::{JobHandler, Outcome, Worker};
+pub use workflow::{AccountBackend, LibreChatFailure, ProvisionWorkflow, StoredCredential};

@@ -1,0 +1,600 @@
+//! A durable job queue on Redis Streams.
+//!
+//! - `{P}:jobs` — stream read by the consumer group `workers`: at-least-once delivery; a job
+//!   whose worker died stays in the group's pending list and is reclaimed (`XAUTOCLAIM`) after
+//!   the visibility timeout.
+//! - `{P}:delayed` — ZSET of job ids by due time (retries with backoff), moved back to the
+//!   stream when due.
+//! - `{P}:dead` — dead-letter stream (job id, reason) that ops list and retry.
+//! - `{P}:job:{id}` — the job document (JSON); `{P}:user:{user id}` — the user's active job
+//!   (one pending job per user: the idempotency key); `{P}:done` — recent completions (trimmed).
+//!
+//! `P` is `{<prefix>:prov}`: one hash tag, so every multi-key script stays in one Redis Cluster
+//! slot. Acked entries are deleted from the stream and finished jobs expire: nothing grows
+//! without bound. Durability across a Redis restart is Redis's: run it with `appendonly yes`.
+
+use std::time::Duration;
+
+use redis::{
+    aio::MultiplexedConnection,
+    streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply},
+    AsyncCommands, Script,
+};
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "workers";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("job {0} is corrupt")]
+    Corrupt(String),
+    #[error("no job {0}")]
+    NotFound(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    Delayed,
+    Done,
+    Dead,
+}
+
+impl JobState {
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Pending | Self::Running | Self::Delayed)
+    }
+}
+
+/// What a job asks for: create (or repair) the LibreChat account of one user.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProvisionRequest {
+    pub user_id: String,
+    pub email: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Where it came from: `admin`, `cli`, `webhook`, `import`, `login`, `repair`.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub request: ProvisionRequest,
+    pub state: JobState,
+    /// Attempts spent (rate-limit waits do not spend one).
+    pub attempts: u32,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    #[serde(default)]
+    pub next_run_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// Key prefix (the service's `redis.key_prefix`).
+    pub prefix: String,
+    /// A job held this long by a silent worker is given to another.
+    pub visibility_timeout: Duration,
+    pub max_attempts: u32,
+    pub base_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Finished job documents are kept this long (for `GET /admin/users/{id}`), then expire.
+    pub keep_finished: Duration,
+    /// How many recent completions `{P}:done` lists.
+    pub keep_done: usize,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "bff".into(),
+            visibility_timeout: Duration::from_secs(60),
+            max_attempts: 8,
+            base_backoff: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(300),
+            keep_finished: Duration::from_secs(7 * 24 * 3600),
+            keep_done: 1000,
+        }
+    }
+}
+
+/// A job handed to a worker: the document and its stream entry.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub job: Job,
+    pub entry_id: String,
+}
+
+#[derive(Clone)]
+pub struct JobQueue {
+    client: redis::Client,
+    conn: MultiplexedConnection,
+    cfg: QueueConfig,
+    tag: String,
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobQueue").field("tag", &self.tag).finish()
+    }
+}
+
+const ENQUEUE: &str = r#"
+local active = redis.call('GET', KEYS[1])
+if active then return {0, active} end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return {1, ARGV[1]}
+"#;
+
+// KEYS: stream, job, user, done. ARGV: entry, group, json, id, keep_done, ttl_secs
+const COMPLETE: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[6])
+if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+redis.call('LPUSH', KEYS[4], ARGV[4])
+redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[5]) - 1)
+return 1
+"#;
+
+// KEYS: stream, job, delayed. ARGV: entry, group, json, id, due
+const DELAY: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
+return 1
+"#;
+
+// KEYS: stream, job, dead, user. ARGV: entry, group, json, id, reason, at, ttl_secs
+const BURY: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+redis.call('XDEL', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[7])
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', ARGV[4], 'reason', ARGV[5], 'at', ARGV[6])
+if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
+return 1
+"#;
+
+// KEYS: delayed, stream, job. ARGV: id
+const PROMOTE: &str = r#"
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+local raw = redis.call('GET', KEYS[3])
+if not raw then return 0 end
+local job = cjson.decode(raw)
+job['state'] = 'pending'
+redis.call('SET', KEYS[3], cjson.encode(job))
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+return 1
+"#;
+
+// KEYS: job, user, stream. ARGV: id, json
+const REQUEUE: &str = r#"
+local active = redis.call('GET', KEYS[2])
+if active and active ~= ARGV[1] then return {0, active} end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PERSIST', KEYS[1])
+redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
+return {1, ARGV[1]}
+"#;
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl JobQueue {
+    /// Connects and makes sure the consumer group exists.
+    pub async fn connect(client: redis::Client, cfg: QueueConfig) -> Result<Self, QueueError> {
+        let conn = client.get_multiplexed_async_connection().await?;
+        let tag = format!("{{{}:prov}}", cfg.prefix);
+        let queue = Self {
+            client,
+            conn,
+            cfg,
+            tag,
+        };
+        queue.ensure_group().await?;
+        Ok(queue)
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.cfg
+    }
+
+    fn k(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.tag)
+    }
+    fn stream(&self) -> String {
+        self.k("jobs")
+    }
+    fn delayed(&self) -> String {
+        self.k("delayed")
+    }
+    fn dead(&self) -> String {
+        self.k("dead")
+    }
+    fn done(&self) -> String {
+        self.k("done")
+    }
+    fn job_key(&self, id: &str) -> String {
+        self.k(&format!("job:{id}"))
+    }
+    fn user_key(&self, user_id: &str) -> String {
+        self.k(&format!("user:{user_id}"))
+    }
+
+    async fn ensure_group(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(self.stream())
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Ok(()) => Ok(()),
+            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Enqueues provisioning for a user; if the user already has an active job, returns that
+    /// job's id instead (`created == false`).
+    pub async fn enqueue(&self, request: ProvisionRequest) -> Result<(String, bool), QueueError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let t = now();
+        let job = Job {
+            id: id.clone(),
+            request,
+            state: JobState::Pending,
+            attempts: 0,
+            last_error: None,
+            created_at: t,
+            updated_at: t,
+            next_run_at: None,
+        };
+        let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(id.clone()))?;
+        let mut conn = self.conn.clone();
+        let (created, job_id): (i64, String) = Script::new(ENQUEUE)
+            .key(self.user_key(&job.request.user_id))
+            .key(self.job_key(&id))
+            .key(self.stream())
+            .arg(&id)
+            .arg(json)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((job_id, created == 1))
+    }
+
+    pub async fn job(&self, id: &str) -> Result<Option<Job>, QueueError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn.get(self.job_key(id)).await?;
+        raw.map(|r| serde_json::from_str(&r).map_err(|_| QueueError::Corrupt(id.to_owned())))
+            .transpose()
+    }
+
+    /// The user's active job id, if any.
+    pub async fn active_job_of(&self, user_id: &str) -> Result<Option<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.get(self.user_key(user_id)).await?)
+    }
+
+    async fn save(&self, job: &Job) -> Result<(), QueueError> {
+        let json = serde_json::to_string(job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
+        let mut conn = self.conn.clone();
+        let _: () = conn.set(self.job_key(&job.id), json).await?;
+        Ok(())
+    }
+
+    /// Up to `count` new deliveries for `consumer`, waiting at most `block` for one.
+    /// Needs its own connection: a blocking read would stall the shared one.
+    pub async fn read(
+        &self,
+        conn: &mut MultiplexedConnection,
+        consumer: &str,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let opts = StreamReadOptions::default()
+            .group(GROUP, consumer)
+            .count(count)
+            .block(block.as_millis() as usize);
+        let reply: Option<StreamReadReply> = match conn
+            .xread_options(&[self.stream()], &[">"], &opts)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("NOGROUP") => {
+                // The stream vanished (Redis restarted without persistence): recreate.
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let job_id: Option<String> = entry.get("job");
+                out.extend(self.deliver(entry.id, job_id).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A dedicated connection for [`JobQueue::read`].
+    pub async fn reader_connection(&self) -> Result<MultiplexedConnection, QueueError> {
+        Ok(self.client.get_multiplexed_async_connection().await?)
+    }
+
+    /// Takes over deliveries idle longer than the visibility timeout (their worker died).
+    pub async fn reclaim(&self, consumer: &str, count: usize) -> Result<Vec<Delivery>, QueueError> {
+        let mut conn = self.conn.clone();
+        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+            .arg(self.stream())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(self.cfg.visibility_timeout.as_millis() as u64)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut conn)
+            .await?;
+        let mut out = Vec::new();
+        for entry in reply.claimed {
+            let job_id: Option<String> = entry.get("job");
+            tracing::info!(entry = %entry.id, job = ?job_id, "reclaimed a job from a silent worker");
+            out.extend(self.deliver(entry.id, job_id).await?);
+        }
+        Ok(out)
+    }
+
+    async fn deliver(
+        &self,
+        entry_id: String,
+        job_id: Option<String>,
+    ) -> Result<Option<Delivery>, QueueError> {
+        let job = match &job_id {
+            Some(id) => self.job(id).await?,
+            None => None,
+        };
+        let Some(mut job) = job.filter(|j| j.state.is_active()) else {
+            // A stale entry (job gone or finished): drop it.
+            let mut conn = self.conn.clone();
+            let _: () = redis::pipe()
+                .xack(self.stream(), GROUP, &[&entry_id])
+                .xdel(self.stream(), &[&entry_id])
+                .query_async(&mut conn)
+                .await?;
+            return Ok(None);
+        };
+        job.state = JobState::Running;
+        job.updated_at = now();
+        self.save(&job).await?;
+        Ok(Some(Delivery { job, entry_id }))
+    }
+
+    /// Moves due delayed jobs back to the stream. Returns how many.
+    pub async fn promote_due(&self) -> Result<usize, QueueError> {
+        let mut conn = self.conn.clone();
+        let due: Vec<String> = conn
+            .zrangebyscore_limit(self.delayed(), "-inf", now_ms(), 0, 100)
+            .await?;
+        let mut moved = 0;
+        for id in due {
+            let n: i64 = Script::new(PROMOTE)
+                .key(self.delayed())
+                .key(self.stream())
+                .key(self.job_key(&id))
+                .arg(&id)
+                .invoke_async(&mut conn)
+                .await?;
+            moved += n as usize;
+        }
+        Ok(moved)
+    }
+
+    pub async fn complete(&self, d: &Delivery) -> Result<(), QueueError> {
+        let mut job = d.job.clone();
+        job.state = JobState::Done;
+        job.updated_at = now();
+        job.next_run_at = None;
+        let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(COMPLETE)
+            .key(self.stream())
+            .key(self.job_key(&job.id))
+            .key(self.user_key(&job.request.user_id))
+            .key(self.done())
+            .arg(&d.entry_id)
+            .arg(GROUP)
+            .arg(json)
+            .arg(&job.id)
+            .arg(self.cfg.keep_done)
+            .arg(self.cfg.keep_finished.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Schedules another run after `delay`; `spend_attempt` false for waits imposed by a rate
+    /// limiter. Buries the job instead when attempts are used up.
+    pub async fn retry(
+        &self,
+        d: &Delivery,
+        error: String,
+        delay: Option<Duration>,
+        spend_attempt: bool,
+    ) -> Result<JobState, QueueError> {
+        let mut job = d.job.clone();
+        if spend_attempt {
+            job.attempts += 1;
+        }
+        if job.attempts >= self.cfg.max_attempts {
+            let reason = format!("gave up after {} attempts: {error}", job.attempts);
+            self.bury_job(d, job, reason).await?;
+            return Ok(JobState::Dead);
+        }
+        let delay = delay.unwrap_or_else(|| self.backoff(job.attempts));
+        let due_ms = now_ms() + delay.as_millis() as u64;
+        job.state = JobState::Delayed;
+        job.last_error = Some(error);
+        job.updated_at = now();
+        job.next_run_at = Some((due_ms / 1000) as i64);
+        let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(DELAY)
+            .key(self.stream())
+            .key(self.job_key(&job.id))
+            .key(self.delayed())
+            .arg(&d.entry_id)
+            .arg(GROUP)
+            .arg(json)
+            .arg(&job.id)
+            .arg(due_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(JobState::Delayed)
+    }
+
+    /// Exponential backoff with jitter: 50–100 % of `base · 2^(attempt-1)`, capped.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self
+            .cfg
+            .base_backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        let capped = exp.min(self.cfg.max_backoff);
+        let jitter: f64 = rand::random_range(0.5..=1.0);
+        capped.mul_f64(jitter)
+    }
+
+    /// Dead-letters the job with `reason`.
+    pub async fn bury(&self, d: &Delivery, reason: String) -> Result<(), QueueError> {
+        self.bury_job(d, d.job.clone(), reason).await
+    }
+
+    async fn bury_job(&self, d: &Delivery, mut job: Job, reason: String) -> Result<(), QueueError> {
+        job.state = JobState::Dead;
+        job.last_error = Some(reason.clone());
+        job.updated_at = now();
+        job.next_run_at = None;
+        let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(BURY)
+            .key(self.stream())
+            .key(self.job_key(&job.id))
+            .key(self.dead())
+            .key(self.user_key(&job.request.user_id))
+            .arg(&d.entry_id)
+            .arg(GROUP)
+            .arg(json)
+            .arg(&job.id)
+            .arg(reason)
+            .arg(now())
+            .arg(self.cfg.keep_finished.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        tracing::warn!(job = %job.id, user = %job.request.user_id, "job dead-lettered");
+        Ok(())
+    }
+
+    /// Runs a dead (or finished) job again with fresh attempts. If the user meanwhile has another
+    /// active job, that one's id is returned and nothing is queued.
+    pub async fn requeue(&self, id: &str) -> Result<String, QueueError> {
+        let mut job = self
+            .job(id)
+            .await?
+            .ok_or_else(|| QueueError::NotFound(id.to_owned()))?;
+        if job.state.is_active() {
+            return Ok(job.id);
+        }
+        job.state = JobState::Pending;
+        job.attempts = 0;
+        job.updated_at = now();
+        job.next_run_at = None;
+        let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
+        let mut conn = self.conn.clone();
+        let (_, active): (i64, String) = Script::new(REQUEUE)
+            .key(self.job_key(&job.id))
+            .key(self.user_key(&job.request.user_id))
+            .key(self.stream())
+            .arg(&job.id)
+            .arg(json)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(active)
+    }
+
+    /// Jobs in one state, newest first where that is cheap (at most `limit`).
+    pub async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, QueueError> {
+        let mut conn = self.conn.clone();
+        let ids: Vec<String> = match state {
+            JobState::Dead => {
+                let reply: redis::streams::StreamRangeReply =
+                    conn.xrevrange_count(self.dead(), "+", "-", limit).await?;
+                reply
+                    .ids
+                    .into_iter()
+                    .filter_map(|e| e.get::<String>("job"))
+                    .collect()
+            }
+            JobState::Delayed => conn.zrange(self.delayed(), 0, limit as isize - 1).await?,
+            JobState::Done => conn.lrange(self.done(), 0, limit as isize - 1).await?,
+            JobState::Pending | JobState::Running => {
+                let reply: redis::streams::StreamRangeReply =
+                    conn.xrange_count(self.stream(), "-", "+", limit).await?;
+                reply
+                    .ids
+                    .into_iter()
+                    .filter_map(|e| e.get::<String>("job"))
+                    .collect()
+            }
+        };
+        let mut jobs = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for id in ids {
+            if !seen.insert(id.clone()) {
+                continue;
+            }
+            if let Some(job) = self.job(&id).await? {
+                if job.state == state {
+                    jobs.push(job);
+                }
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Queue depth (entries in the stream), delayed count and dead-letter size.
+    pub async fn sizes(&self) -> Result<(u64, u64, u64), QueueError> {
+        let mut conn = self.conn.clone();
+        let (depth, delayed, dead): (u64, u64, u64) = redis::pipe()
+            .xlen(self.stream())
+            .zcard(self.delayed())
+            .xlen(self.dead())
+            .query_async(&mut conn)
+            .await?;
+        Ok((depth, delayed, dead))
+    }
+}
