@@ -9,7 +9,7 @@ use librechat_bff::{config::Config, credentials::KeyRing};
 use reqwest::{header, Method, StatusCode};
 use serde_json::json;
 use support::{
-    bff::{config, Browser, TestBff},
+    bff::{config, TestBff},
     fake_idp::{FakeIdp, FakeIdpOptions, FakeUser},
     redis::RedisServer,
 };

@@ -204,15 +204,19 @@ impl IdentityVerifier {
         validation.leeway = cfg.leeway_secs;
         validation.validate_nbf = true;
         validation.validate_exp = true;
+        // A configured iss/aud must be present, not merely correct when present.
+        validation.set_required_spec_claims(&["exp"]);
         if cfg.issuer.is_empty() {
             validation.iss = None;
         } else {
             validation.set_issuer(&[cfg.issuer.as_str()]);
+            validation.required_spec_claims.insert("iss".into());
         }
         if cfg.audience.is_empty() {
             validation.validate_aud = false;
         } else {
             validation.set_audience(&[cfg.audience.as_str()]);
+            validation.required_spec_claims.insert("aud".into());
         }
         Ok(Self {
             algorithms,

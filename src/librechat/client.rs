@@ -211,6 +211,51 @@ impl LibreChatClient {
     }
 }
 
+impl LibreChatClient {
+    /// `POST /api/auth/requestPasswordReset {email}`: with no email service configured LibreChat
+    /// answers `{link}` (contract §6); with one it answers `{message}` (→ `None`).
+    pub async fn request_password_reset(
+        &self,
+        email: &str,
+        client: &ClientInfo,
+    ) -> Result<Option<String>, LibreChatError> {
+        let res = self
+            .send(
+                self.post("/api/auth/requestPasswordReset", client)
+                    .json(&json!({ "email": email })),
+            )
+            .await?;
+        if !res.status().is_success() {
+            return Err(failure(res).await);
+        }
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        Ok(body.get("link").and_then(Value::as_str).map(str::to_owned))
+    }
+
+    /// `POST /api/auth/resetPassword`. Kills every LibreChat session of that user.
+    pub async fn reset_password(
+        &self,
+        librechat_user_id: &str,
+        token: &str,
+        password: &str,
+        client: &ClientInfo,
+    ) -> Result<(), LibreChatError> {
+        let res = self
+            .send(self.post("/api/auth/resetPassword", client).json(&json!({
+                "userId": librechat_user_id,
+                "token": token,
+                "password": password,
+                "confirm_password": password,
+            })))
+            .await?;
+        if res.status().is_success() {
+            Ok(())
+        } else {
+            Err(failure(res).await)
+        }
+    }
+}
+
 /// Maps a non-success auth-route answer to an error, without keeping LibreChat's body beyond
 /// its `message` (which never holds a secret on these routes).
 async fn failure(res: reqwest::Response) -> LibreChatError {
