@@ -9,124 +9,13 @@ use std::{
 };
 
 use futures_util::{future::join_all, StreamExt};
-use librechat_bff::credentials::{
-    vault::{CredentialStatus, Password},
-    KeyRing,
-};
+use librechat_bff::credentials::vault::CredentialStatus;
 use reqwest::{header, StatusCode};
-use serde_json::{json, Value};
+use serde_json::Value;
 use support::{
-    bff::{config, TestBff},
-    fake_idp::{FakeIdp, FakeIdpOptions, FakeUser},
-    fake_librechat::{FakeLibreChat, FakeLibreChatOptions},
-    redis::RedisServer,
+    fake_librechat::FakeLibreChatOptions,
+    world::{chat_body, get_json, http, World, BROWSER_UA, ID_PASSWORD},
 };
-
-const ID_PASSWORD: &str = "correct horse battery staple";
-const BROWSER_UA: &str =
-    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36";
-
-struct World {
-    idp: FakeIdp,
-    lc: FakeLibreChat,
-    redis: RedisServer,
-    key: String,
-}
-
-impl World {
-    async fn new(lc_opts: FakeLibreChatOptions) -> World {
-        let idp = FakeIdp::start(FakeIdpOptions::default()).await;
-        let lc = FakeLibreChat::start(lc_opts).await;
-        let redis = RedisServer::start_with_aof().await;
-        World {
-            idp,
-            lc,
-            redis,
-            key: KeyRing::generate_key(),
-        }
-    }
-
-    async fn bff(&self, extra: &[(&str, String)]) -> TestBff {
-        let mut env = vec![
-            ("BFF__IDENTITY__BASE_URL", self.idp.base_url.clone()),
-            (
-                "BFF__IDENTITY__JWT__HS_SECRET",
-                self.idp.hs_secret().expect("HS256"),
-            ),
-            ("BFF__SESSION__STORE", "redis".into()),
-            ("BFF__REDIS__URL", self.redis.url()),
-            ("BFF__REDIS__KEY_PREFIX", self.redis.key_prefix()),
-            ("BFF__CRYPTO__FERNET_KEYS", self.key.clone()),
-            ("BFF__LIBRECHAT__URL", self.lc.base_url.clone()),
-            ("BFF__LIBRECHAT__CONNECT_TIMEOUT_SECS", "2".into()),
-        ];
-        env.extend(extra.iter().cloned());
-        TestBff::start(config(&env)).await
-    }
-
-    /// A user known to the identity service, with a ready LibreChat account and vault record.
-    async fn user(&self, bff: &TestBff, id: i64) -> String {
-        let email = format!("user{id}@example.com");
-        self.idp.add_user(FakeUser {
-            id,
-            username: format!("user{id}"),
-            email: email.clone(),
-            password: ID_PASSWORD.into(),
-            name: format!("User {id}"),
-            groups: vec![],
-            is_active: true,
-        });
-        let lc_password = format!("lc-pass-{id}-Xy9!long");
-        self.lc.create_user(&email, &lc_password, &format!("User {id}"));
-        let vault = &bff.state.vault;
-        let record = vault.new_record(
-            &id.to_string(),
-            &email,
-            None,
-            &Password::new(lc_password),
-            CredentialStatus::Ready,
-        );
-        vault.put(&record).await.expect("seed vault");
-        email
-    }
-
-    fn bearer(&self, id: i64) -> String {
-        self.idp.mint_access(id, Duration::from_secs(600))
-    }
-}
-
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
-}
-
-async fn get_json(bff: &TestBff, path: &str, bearer: &str) -> (StatusCode, Value) {
-    let res = http()
-        .get(format!("{}{path}", bff.base_url))
-        .bearer_auth(bearer)
-        .send()
-        .await
-        .expect("send");
-    assert!(
-        res.headers().get(header::SET_COOKIE).is_none(),
-        "LibreChat's Set-Cookie must never reach the client"
-    );
-    let status = res.status();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
-fn chat_body(text: &str) -> Value {
-    json!({
-        "text": text,
-        "parentMessageId": "00000000-0000-0000-0000-000000000000",
-        "conversationId": "new",
-        "endpoint": "FakeAI",
-        "endpointType": "custom",
-        "model": "fake-model",
-    })
-}
 
 #[tokio::test]
 async fn cookie_and_bearer_sessions_of_one_user_share_one_librechat_login() {
@@ -205,71 +94,6 @@ async fn sse_frames_reach_the_client_before_the_stream_ends() {
         seen.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
     }
     assert!(seen.contains("\"final\":true"), "{seen}");
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-#[tokio::test]
-async fn a_50_mb_upload_streams_through_in_field_order() {
-    let w = World::new(FakeLibreChatOptions::default()).await;
-    let bff = w.bff(&[]).await;
-    w.user(&bff, 9).await;
-    let bearer = w.bearer(9);
-    // Warm up: the user's LibreChat login happens before measuring.
-    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
-
-    const SIZE: usize = 50 * 1024 * 1024;
-    const CHUNK: usize = 64 * 1024;
-    let boundary = "----bffTestBoundary7MA4YWxkTrZu0gW";
-    let head = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"endpoint\"\r\n\r\nFakeAI\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"endpointType\"\r\n\r\ncustom\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.txt\"\r\nContent-Type: text/plain\r\n\r\n"
-    );
-    let tail = format!(
-        "\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file_id\"\r\n\r\n6f1c2c61-3c7b-4a43-9a57-3b2c1d0e9f10\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"message_file\"\r\n\r\ntrue\r\n--{boundary}--\r\n"
-    );
-    let chunk = bytes::Bytes::from(vec![b'a'; CHUNK]);
-    let parts = std::iter::once(bytes::Bytes::from(head))
-        .chain(std::iter::repeat_n(chunk, SIZE / CHUNK))
-        .chain(std::iter::once(bytes::Bytes::from(tail)));
-    let stream = futures_util::stream::iter(parts.map(Ok::<_, std::io::Error>));
-
-    let before = peak_rss_kib();
-    let res = http()
-        .post(format!("{}/api/chat/files", bff.base_url))
-        .bearer_auth(&bearer)
-        .header(
-            header::CONTENT_TYPE,
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(reqwest::Body::wrap_stream(stream))
-        .send()
-        .await
-        .expect("upload");
-    let status = res.status();
-    let body = res.text().await.unwrap_or_default();
-    assert_eq!(status, StatusCode::OK, "{body}");
-    let growth_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
-    // Client, BFF and fake all run in this process: buffering anywhere would add >= 50 MiB.
-    assert!(growth_mib < 20, "peak RSS grew by {growth_mib} MiB");
-
-    let upload = w.lc.uploads().pop().expect("the fake saw the upload");
-    assert_eq!(upload.file_bytes, SIZE as u64);
-    assert_eq!(
-        upload.field_names,
-        vec!["endpoint", "endpointType", "file", "file_id", "message_file"]
-    );
 }
 
 #[tokio::test]

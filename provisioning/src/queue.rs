@@ -15,8 +15,10 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use redis::{
-    aio::MultiplexedConnection,
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply},
     AsyncCommands, Script,
 };
@@ -115,7 +117,8 @@ pub struct Delivery {
 #[derive(Clone)]
 pub struct JobQueue {
     client: redis::Client,
-    conn: MultiplexedConnection,
+    /// Shared, auto-reconnecting; connected on first use so the service starts without Redis.
+    manager: Arc<tokio::sync::OnceCell<ConnectionManager>>,
     cfg: QueueConfig,
     tag: String,
 }
@@ -188,6 +191,22 @@ redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return {1, ARGV[1]}
 "#;
 
+async fn create_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), QueueError> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -203,18 +222,33 @@ fn now_ms() -> u64 {
 }
 
 impl JobQueue {
-    /// Connects and makes sure the consumer group exists.
-    pub async fn connect(client: redis::Client, cfg: QueueConfig) -> Result<Self, QueueError> {
-        let conn = client.get_multiplexed_async_connection().await?;
+    /// A queue on `client`; nothing is contacted until first use.
+    pub fn new(client: redis::Client, cfg: QueueConfig) -> Self {
         let tag = format!("{{{}:prov}}", cfg.prefix);
-        let queue = Self {
+        Self {
             client,
-            conn,
+            manager: Arc::new(tokio::sync::OnceCell::new()),
             cfg,
             tag,
-        };
-        queue.ensure_group().await?;
-        Ok(queue)
+        }
+    }
+
+    /// The shared connection; the first one also makes sure the consumer group exists.
+    async fn conn(&self) -> Result<ConnectionManager, QueueError> {
+        let manager = self
+            .manager
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(2);
+                let mut conn =
+                    ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                create_group(&mut conn, &self.stream()).await?;
+                Ok::<_, QueueError>(conn)
+            })
+            .await?;
+        Ok(manager.clone())
     }
 
     pub fn config(&self) -> &QueueConfig {
@@ -244,20 +278,8 @@ impl JobQueue {
     }
 
     async fn ensure_group(&self) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(self.stream())
-            .arg(GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut conn)
-            .await;
-        match created {
-            Ok(()) => Ok(()),
-            Err(e) if e.to_string().contains("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        let mut conn = self.conn().await?;
+        create_group(&mut conn, &self.stream()).await
     }
 
     /// Enqueues provisioning for a user; if the user already has an active job, returns that
@@ -276,7 +298,7 @@ impl JobQueue {
             next_run_at: None,
         };
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(id.clone()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (created, job_id): (i64, String) = Script::new(ENQUEUE)
             .key(self.user_key(&job.request.user_id))
             .key(self.job_key(&id))
@@ -289,7 +311,7 @@ impl JobQueue {
     }
 
     pub async fn job(&self, id: &str) -> Result<Option<Job>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let raw: Option<String> = conn.get(self.job_key(id)).await?;
         raw.map(|r| serde_json::from_str(&r).map_err(|_| QueueError::Corrupt(id.to_owned())))
             .transpose()
@@ -297,13 +319,13 @@ impl JobQueue {
 
     /// The user's active job id, if any.
     pub async fn active_job_of(&self, user_id: &str) -> Result<Option<String>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         Ok(conn.get(self.user_key(user_id)).await?)
     }
 
     async fn save(&self, job: &Job) -> Result<(), QueueError> {
         let json = serde_json::to_string(job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: () = conn.set(self.job_key(&job.id), json).await?;
         Ok(())
     }
@@ -350,7 +372,7 @@ impl JobQueue {
 
     /// Takes over deliveries idle longer than the visibility timeout (their worker died).
     pub async fn reclaim(&self, consumer: &str, count: usize) -> Result<Vec<Delivery>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(self.stream())
             .arg(GROUP)
@@ -381,7 +403,7 @@ impl JobQueue {
         };
         let Some(mut job) = job.filter(|j| j.state.is_active()) else {
             // A stale entry (job gone or finished): drop it.
-            let mut conn = self.conn.clone();
+            let mut conn = self.conn().await?;
             let _: () = redis::pipe()
                 .xack(self.stream(), GROUP, &[&entry_id])
                 .xdel(self.stream(), &[&entry_id])
@@ -397,7 +419,7 @@ impl JobQueue {
 
     /// Moves due delayed jobs back to the stream. Returns how many.
     pub async fn promote_due(&self) -> Result<usize, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let due: Vec<String> = conn
             .zrangebyscore_limit(self.delayed(), "-inf", now_ms(), 0, 100)
             .await?;
@@ -421,7 +443,7 @@ impl JobQueue {
         job.updated_at = now();
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: i64 = Script::new(COMPLETE)
             .key(self.stream())
             .key(self.job_key(&job.id))
@@ -463,7 +485,7 @@ impl JobQueue {
         job.updated_at = now();
         job.next_run_at = Some((due_ms / 1000) as i64);
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: i64 = Script::new(DELAY)
             .key(self.stream())
             .key(self.job_key(&job.id))
@@ -500,7 +522,7 @@ impl JobQueue {
         job.updated_at = now();
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let _: i64 = Script::new(BURY)
             .key(self.stream())
             .key(self.job_key(&job.id))
@@ -534,7 +556,7 @@ impl JobQueue {
         job.updated_at = now();
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (_, active): (i64, String) = Script::new(REQUEUE)
             .key(self.job_key(&job.id))
             .key(self.user_key(&job.request.user_id))
@@ -548,7 +570,7 @@ impl JobQueue {
 
     /// Jobs in one state, newest first where that is cheap (at most `limit`).
     pub async fn list(&self, state: JobState, limit: usize) -> Result<Vec<Job>, QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let ids: Vec<String> = match state {
             JobState::Dead => {
                 let reply: redis::streams::StreamRangeReply =
@@ -588,7 +610,7 @@ impl JobQueue {
 
     /// Queue depth (entries in the stream), delayed count and dead-letter size.
     pub async fn sizes(&self) -> Result<(u64, u64, u64), QueueError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let (depth, delayed, dead): (u64, u64, u64) = redis::pipe()
             .xlen(self.stream())
             .zcard(self.delayed())

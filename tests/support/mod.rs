@@ -6,3 +6,4 @@ pub mod bff;
 pub mod fake_idp;
 pub mod fake_librechat;
 pub mod redis;
+pub mod world;
