@@ -25,10 +25,18 @@ async fn cookie_and_bearer_sessions_of_one_user_share_one_librechat_login() {
 
     // Web: cookie session; starts a conversation and reads its stream to the end.
     let mut browser = bff.client();
-    assert_eq!(browser.login("user7", ID_PASSWORD).await.status, StatusCode::OK);
-    let started = browser.post("/api/chat/agents/chat/FakeAI", chat_body("hello")).await;
+    assert_eq!(
+        browser.login("user7", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let started = browser
+        .post("/api/chat/agents/chat/FakeAI", chat_body("hello"))
+        .await;
     assert_eq!(started.status, StatusCode::OK, "{}", started.body);
-    let stream_id = started.body["streamId"].as_str().expect("streamId").to_owned();
+    let stream_id = started.body["streamId"]
+        .as_str()
+        .expect("streamId")
+        .to_owned();
     let stream = browser
         .get(&format!("/api/chat/agents/chat/stream/{stream_id}"))
         .await;
@@ -84,11 +92,18 @@ async fn sse_frames_reach_the_client_before_the_stream_ends() {
     let mut body = res.bytes_stream();
     let mut seen = String::new();
     while !seen.contains("\n\n") {
-        let chunk = body.next().await.expect("a frame before the end").expect("chunk");
+        let chunk = body
+            .next()
+            .await
+            .expect("a frame before the end")
+            .expect("chunk");
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert!(seen.starts_with("event: message"), "{seen}");
-    assert!(!seen.contains("\"final\":true"), "the last frame is still held");
+    assert!(
+        !seen.contains("\"final\":true"),
+        "the last frame is still held"
+    );
     gate.release();
     while let Some(chunk) = body.next().await {
         seen.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
@@ -108,8 +123,14 @@ async fn two_hundred_requests_with_an_expired_token_refresh_once_even_on_two_rep
     let b = w.bff(&skew).await;
     w.user(&a, 10).await;
     let bearer = w.bearer(10);
-    assert_eq!(get_json(&a, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
-    assert_eq!(get_json(&b, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(
+        get_json(&a, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_json(&b, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
     assert_eq!(w.lc.login_calls(), 1, "replica b adopted a's login");
     assert_eq!(w.lc.refresh_calls(), 0);
 
@@ -130,8 +151,15 @@ async fn two_hundred_requests_with_an_expired_token_refresh_once_even_on_two_rep
         }
     });
     let statuses = join_all(requests).await;
-    assert!(statuses.iter().all(|s| *s == StatusCode::OK), "{statuses:?}");
-    assert_eq!(w.lc.refresh_calls(), 1, "exactly one refresh for 200 requests");
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        w.lc.refresh_calls(),
+        1,
+        "exactly one refresh for 200 requests"
+    );
     assert_eq!(w.lc.login_calls(), 1);
 }
 
@@ -148,14 +176,24 @@ async fn a_deleted_librechat_session_is_replaced_by_a_new_login() {
         .await;
     let email = w.user(&bff, 11).await;
     let bearer = w.bearer(11);
-    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
-    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
     assert_eq!((w.lc.login_calls(), w.lc.refresh_calls()), (1, 1));
 
     w.lc.delete_user_sessions(&email);
     let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(w.lc.login_calls(), 2, "the refused refresh led to a new login");
+    assert_eq!(
+        w.lc.login_calls(),
+        2,
+        "the refused refresh led to a new login"
+    );
 }
 
 #[tokio::test]
@@ -178,18 +216,17 @@ async fn behind_a_trusted_proxy_each_user_keeps_their_own_address() {
         assert_eq!(res.status(), StatusCode::OK, "user {id}");
     }
     assert_eq!(w.lc.login_calls(), 20, "no login hit the limiter");
-    let logins: Vec<String> = w
-        .lc
-        .requests()
-        .into_iter()
-        .filter(|r| r.path.starts_with("/api/auth/login"))
-        .filter_map(|r| {
-            r.headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .collect();
+    let logins: Vec<String> =
+        w.lc.requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/api/auth/login"))
+            .filter_map(|r| {
+                r.headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .collect();
     let expected: Vec<String> = (100..120).map(|i| format!("198.51.100.{i}")).collect();
     assert_eq!(logins, expected);
 }
@@ -207,17 +244,16 @@ async fn an_untrusted_peers_forwarded_for_is_ignored() {
         .await
         .expect("send");
     assert_eq!(res.status(), StatusCode::OK);
-    let seen: Vec<String> = w
-        .lc
-        .requests()
-        .into_iter()
-        .filter_map(|r| {
-            r.headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .collect();
+    let seen: Vec<String> =
+        w.lc.requests()
+            .into_iter()
+            .filter_map(|r| {
+                r.headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .collect();
     assert!(!seen.is_empty());
     assert!(seen.iter().all(|x| x == "127.0.0.1"), "{seen:?}");
 }
@@ -239,19 +275,27 @@ async fn forwarded_requests_carry_the_librechat_token_address_and_a_browser_agen
         .expect("send");
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["x-request-id"], "req-12345");
-    let fwd = w
-        .lc
-        .requests()
-        .into_iter()
-        .find(|r| r.path.starts_with("/api/convos"))
-        .expect("forwarded");
+    let fwd =
+        w.lc.requests()
+            .into_iter()
+            .find(|r| r.path.starts_with("/api/convos"))
+            .expect("forwarded");
     assert_eq!(fwd.path, "/api/convos?limit=5");
     let h = &fwd.headers;
     let auth = h[header::AUTHORIZATION].to_str().expect("auth");
-    assert!(auth.starts_with("Bearer ") && !auth.contains(&bearer), "LibreChat's own token");
-    assert!(h.get(header::COOKIE).is_none(), "client cookies stay at the BFF");
+    assert!(
+        auth.starts_with("Bearer ") && !auth.contains(&bearer),
+        "LibreChat's own token"
+    );
+    assert!(
+        h.get(header::COOKIE).is_none(),
+        "client cookies stay at the BFF"
+    );
     assert_eq!(h["x-forwarded-for"], "127.0.0.1");
-    assert_ne!(h.get("x-forwarded-host").map(|v| v.as_bytes()), Some(&b"spoofed.example"[..]));
+    assert_ne!(
+        h.get("x-forwarded-host").map(|v| v.as_bytes()),
+        Some(&b"spoofed.example"[..])
+    );
     assert_eq!(h["x-request-id"], "req-12345");
     assert_eq!(h[header::USER_AGENT], BROWSER_UA);
 }
@@ -330,20 +374,32 @@ async fn librechat_down_is_a_quick_502_and_recovers() {
     let bff = w.bff(&[]).await;
     w.user(&bff, 15).await;
     let bearer = w.bearer(15);
-    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
 
     w.lc.go_down().await;
     let started = Instant::now();
     let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(body["error"], "librechat_unavailable");
-    assert!(started.elapsed() < Duration::from_secs(3), "within the connect timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "within the connect timeout"
+    );
     // Sign-in does not depend on LibreChat.
     let mut browser = bff.client();
-    assert_eq!(browser.login("user15", ID_PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("user15", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
 
     w.lc.come_back().await;
-    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]
@@ -352,7 +408,10 @@ async fn redis_down_is_503_and_recovers() {
     let bff = w.bff(&[]).await;
     w.user(&bff, 16).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("user16", ID_PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("user16", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
     assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
 
     w.redis.stop().await;
@@ -383,7 +442,13 @@ async fn a_refused_stored_password_marks_the_credential_drifted() {
     let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(17)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(body["error"], "librechat_credential_invalid");
-    let record = bff.state.vault.get("17").await.expect("vault").expect("record");
+    let record = bff
+        .state
+        .vault
+        .get("17")
+        .await
+        .expect("vault")
+        .expect("record");
     assert_eq!(record.status, CredentialStatus::Drifted);
     assert!(!body.to_string().contains("changed-behind"));
 }
@@ -409,10 +474,19 @@ async fn cookie_requests_to_the_proxy_need_the_csrf_header() {
     let bff = w.bff(&[]).await;
     w.user(&bff, 18).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("user18", ID_PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("user18", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
     browser.csrf = false;
-    let res = browser.post("/api/chat/agents/chat/FakeAI", chat_body("x")).await;
+    let res = browser
+        .post("/api/chat/agents/chat/FakeAI", chat_body("x"))
+        .await;
     assert_eq!(res.status, StatusCode::FORBIDDEN);
     assert_eq!(res.body["error"], "csrf_rejected");
-    assert!(w.lc.requests().iter().all(|r| !r.path.starts_with("/api/agents")));
+    assert!(w
+        .lc
+        .requests()
+        .iter()
+        .all(|r| !r.path.starts_with("/api/agents")));
 }

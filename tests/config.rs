@@ -184,12 +184,10 @@ fn the_example_config_is_valid() {
     )
     .expect("write");
     std::fs::write(dir.path().join("identity_jwt_secret"), "s3cret\n").expect("write");
-    let example = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/config/example.toml"
-    ))
-    .expect("example.toml")
-    .replace("/run/secrets", &secrets);
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/example.toml"))
+            .expect("example.toml")
+            .replace("/run/secrets", &secrets);
     let cfg = load_file(&example, &[]).expect("example.toml is valid");
     assert_eq!(cfg.session.store, SessionStoreKind::Redis);
     assert_eq!(cfg.crypto.fernet_keys.len(), 2);

@@ -17,7 +17,10 @@ use serde_json::Value;
 use support::redis::RedisServer;
 
 fn python_fixture() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fernet/python-fernet.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fernet/python-fernet.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).expect("fixture")).expect("json")
 }
 
@@ -81,7 +84,10 @@ async fn rotation_re_encrypts_under_the_first_key() {
     // The old key can now be dropped.
     let new_only = vault(&redis, &prefix, &[new]);
     let rec = new_only.get("u3").await.expect("get").expect("record");
-    assert_eq!(new_only.password(&rec).expect("decrypts").expose(), "secret-3");
+    assert_eq!(
+        new_only.password(&rec).expect("decrypts").expose(),
+        "secret-3"
+    );
     let stored = format!("{rec:?}");
     assert!(!stored.contains("secret-3"), "no plaintext in the record");
 }
@@ -93,7 +99,13 @@ async fn the_rotate_command_reports_counts() {
     let old = KeyRing::generate_key();
     let new = KeyRing::generate_key();
     let v = vault(&redis, &prefix, std::slice::from_ref(&old));
-    let rec = v.new_record("u1", "u1@example.com", None, &Password::new("pw-1"), CredentialStatus::Ready);
+    let rec = v.new_record(
+        "u1",
+        "u1@example.com",
+        None,
+        &Password::new("pw-1"),
+        CredentialStatus::Ready,
+    );
     v.put(&rec).await.expect("put");
 
     let out = Command::new(env!("CARGO_BIN_EXE_librechat-bff"))
@@ -104,7 +116,11 @@ async fn the_rotate_command_reports_counts() {
         .output()
         .expect("run");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("1 total, 1 re-encrypted"), "{stdout}");
     assert!(!stdout.contains("pw-1"));
 }

@@ -19,8 +19,12 @@ fn now() -> i64 {
 }
 
 fn verifier(cfg: &Config) -> IdentityVerifier {
-    IdentityVerifier::new(&cfg.identity.jwt, &cfg.identity.claims, reqwest::Client::new())
-        .expect("verifier")
+    IdentityVerifier::new(
+        &cfg.identity.jwt,
+        &cfg.identity.claims,
+        reqwest::Client::new(),
+    )
+    .expect("verifier")
 }
 
 async fn hs_idp(issuer: Option<&str>, audience: Option<&str>) -> FakeIdp {
@@ -60,7 +64,10 @@ async fn a_simplejwt_token_verifies_and_claims_map() {
     let sub = idp.mint_with_claims(json!({"sub": "u-9", "exp": now() + 300}));
     assert_eq!(v.verify(&sub).await.expect("sub").user_id, "u-9");
     let none = idp.mint_with_claims(json!({"exp": now() + 300}));
-    assert!(matches!(v.verify(&none).await, Err(VerifyError::MissingUserId)));
+    assert!(matches!(
+        v.verify(&none).await,
+        Err(VerifyError::MissingUserId)
+    ));
 }
 
 #[tokio::test]
@@ -69,7 +76,10 @@ async fn expired_tampered_and_unsigned_tokens_are_rejected() {
     let v = verifier(&hs_config(&idp, &[]));
 
     let expired = idp.mint_access_expired(42);
-    assert!(matches!(v.verify(&expired).await, Err(VerifyError::Expired)));
+    assert!(matches!(
+        v.verify(&expired).await,
+        Err(VerifyError::Expired)
+    ));
 
     let token = idp.mint_access(42, Duration::from_secs(300));
     let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
@@ -86,7 +96,10 @@ async fn expired_tampered_and_unsigned_tokens_are_rejected() {
     ));
 
     let unsigned = idp.mint_alg_none(json!({"user_id": "42", "exp": now() + 300}));
-    assert!(v.verify(&unsigned).await.is_err(), "alg none must never pass");
+    assert!(
+        v.verify(&unsigned).await.is_err(),
+        "alg none must never pass"
+    );
 
     let other_secret = idp.mint_hs256_with_secret(
         json!({"user_id": "42", "exp": now() + 300}),
@@ -101,9 +114,16 @@ async fn expired_tampered_and_unsigned_tokens_are_rejected() {
 #[tokio::test]
 async fn not_yet_valid_tokens_are_rejected_beyond_leeway() {
     let idp = hs_idp(None, None).await;
-    let v = verifier(&hs_config(&idp, &[("BFF__IDENTITY__JWT__LEEWAY_SECS", "5".into())]));
-    let future = idp.mint_with_claims(json!({"user_id": "42", "nbf": now() + 600, "exp": now() + 900}));
-    assert!(matches!(v.verify(&future).await, Err(VerifyError::NotYetValid)));
+    let v = verifier(&hs_config(
+        &idp,
+        &[("BFF__IDENTITY__JWT__LEEWAY_SECS", "5".into())],
+    ));
+    let future =
+        idp.mint_with_claims(json!({"user_id": "42", "nbf": now() + 600, "exp": now() + 900}));
+    assert!(matches!(
+        v.verify(&future).await,
+        Err(VerifyError::NotYetValid)
+    ));
 }
 
 #[tokio::test]
@@ -112,16 +132,25 @@ async fn issuer_and_audience_are_enforced_when_configured() {
     let right = hs_config(
         &idp,
         &[
-            ("BFF__IDENTITY__JWT__ISSUER", "https://id.example.com".into()),
+            (
+                "BFF__IDENTITY__JWT__ISSUER",
+                "https://id.example.com".into(),
+            ),
             ("BFF__IDENTITY__JWT__AUDIENCE", "librechat-bff".into()),
         ],
     );
     let token = idp.mint_access(42, Duration::from_secs(300));
-    verifier(&right).verify(&token).await.expect("iss and aud match");
+    verifier(&right)
+        .verify(&token)
+        .await
+        .expect("iss and aud match");
 
     let wrong_iss = hs_config(
         &idp,
-        &[("BFF__IDENTITY__JWT__ISSUER", "https://other.example.com".into())],
+        &[(
+            "BFF__IDENTITY__JWT__ISSUER",
+            "https://other.example.com".into(),
+        )],
     );
     assert!(matches!(
         verifier(&wrong_iss).verify(&token).await,
@@ -136,7 +165,8 @@ async fn issuer_and_audience_are_enforced_when_configured() {
         Err(VerifyError::WrongAudience)
     ));
     // A token without iss is refused when an issuer is required.
-    let bare = idp.mint_with_claims(json!({"user_id": "42", "exp": now() + 300, "aud": "librechat-bff"}));
+    let bare =
+        idp.mint_with_claims(json!({"user_id": "42", "exp": now() + 300, "aud": "librechat-bff"}));
     assert!(matches!(
         verifier(&right).verify(&bare).await,
         Err(VerifyError::WrongIssuer)
@@ -187,9 +217,19 @@ async fn unknown_kids_refetch_at_most_once_per_interval() {
     idp.rotate_signing_key();
     let rotated = idp.mint_access(42, Duration::from_secs(300));
     // The last fetch was just now: no refetch yet, so the new kid is unknown.
-    assert!(matches!(v.verify(&rotated).await, Err(VerifyError::UnknownKey)));
-    assert!(matches!(v.verify(&rotated).await, Err(VerifyError::UnknownKey)));
-    assert_eq!(idp.jwks_calls(), 1, "junk kids cannot hammer the JWKS endpoint");
+    assert!(matches!(
+        v.verify(&rotated).await,
+        Err(VerifyError::UnknownKey)
+    ));
+    assert!(matches!(
+        v.verify(&rotated).await,
+        Err(VerifyError::UnknownKey)
+    ));
+    assert_eq!(
+        idp.jwks_calls(),
+        1,
+        "junk kids cannot hammer the JWKS endpoint"
+    );
 }
 
 #[tokio::test]
@@ -198,10 +238,8 @@ async fn hs_rs_key_confusion_is_rejected() {
     let v = verifier(&jwks_config(&idp, 0));
     // The classic attack: HMAC-sign with the RSA public key as the secret.
     let pem = idp.public_key_pem();
-    let forged = idp.mint_hs256_with_secret(
-        json!({"user_id": "42", "exp": now() + 300}),
-        pem.as_bytes(),
-    );
+    let forged =
+        idp.mint_hs256_with_secret(json!({"user_id": "42", "exp": now() + 300}), pem.as_bytes());
     assert!(matches!(
         v.verify(&forged).await,
         Err(VerifyError::AlgorithmNotAllowed(_))

@@ -14,7 +14,14 @@
 //! match), access-token identity across logins (it depends on whether two logins fall in the same
 //! second, for the real server as for the fake), `X-RateLimit-Reset` values (wall clock), and
 //! values other than those named above (e.g. the first account on the fresh fake is `ADMIN`, while
-//! the recorded server already had users).
+//! the recorded server already had users; an uploaded PNG's `bytes` is 73, its upload size, in the
+//! fake but 97 in the recording, where the real server stored a re-encoded image).
+//!
+//! Scenario actions that are not deviations: `register.json` runs with the real server's 1 s
+//! duplicate-email delay switched on and checks it; in `password-reset.json` the recorder flipped
+//! `ALLOW_PASSWORD_RESET` and restarted the server, replayed as `set_allow_password_reset(true)`
+//! plus `reset_limiters()`; in `chat.json` the second turn's stream was open while status, active
+//! and abort ran, replayed by holding that stream at `hold_stream_end()` until they are done.
 
 mod support;
 

@@ -46,7 +46,10 @@ fn settings(
             "BFF__IDENTITY__JWT__HS_SECRET",
             idp.hs_secret().expect("HS256 idp"),
         ),
-        ("BFF__CSRF__ALLOWED_ORIGINS", "https://app.example.com".into()),
+        (
+            "BFF__CSRF__ALLOWED_ORIGINS",
+            "https://app.example.com".into(),
+        ),
     ];
     if let Some((redis, key)) = redis {
         env.push(("BFF__SESSION__STORE", "redis".into()));
@@ -96,7 +99,10 @@ async fn login_opens_a_cookie_session_and_me_shows_the_user_without_tokens() {
     assert!(me.body["session"]["expires_at"].is_string());
     assert!(me.body["session"]["idle_expires_at"].is_string());
     let text = me.body.to_string();
-    assert!(!text.contains("eyJ"), "a token leaked into /auth/me: {text}");
+    assert!(
+        !text.contains("eyJ"),
+        "a token leaked into /auth/me: {text}"
+    );
 }
 
 #[tokio::test]
@@ -112,7 +118,10 @@ async fn wrong_password_is_401_and_opens_no_session() {
         !res.body.to_string().contains("No active account"),
         "the identity service's body must not be echoed"
     );
-    assert_eq!(browser.get("/auth/me").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        browser.get("/auth/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -120,11 +129,18 @@ async fn login_with_bad_input_names_the_problem() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let bff = TestBff::start(settings(&idp, None, &[])).await;
     let mut browser = bff.client();
-    let res = browser.post("/auth/login", json!({ "username": "alice" })).await;
+    let res = browser
+        .post("/auth/login", json!({ "username": "alice" }))
+        .await;
     assert_eq!(res.status, StatusCode::BAD_REQUEST);
     assert_eq!(res.body["error"], "bad_request");
-    assert!(res.body["message"].as_str().unwrap_or("").contains("password"));
-    let res = browser.post("/auth/login", json!({ "password": "x" })).await;
+    assert!(res.body["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("password"));
+    let res = browser
+        .post("/auth/login", json!({ "password": "x" }))
+        .await;
     assert_eq!(res.status, StatusCode::BAD_REQUEST);
     assert_eq!(idp.token_calls(), 0);
 }
@@ -148,9 +164,15 @@ async fn session_id_changes_at_login() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let bff = TestBff::start(settings(&idp, None, &[])).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     let first = browser.cookie.clone().expect("cookie");
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     let second = browser.cookie.clone().expect("cookie");
     assert_ne!(first, second, "login must issue a new session id");
 
@@ -176,7 +198,10 @@ async fn redis_session_survives_an_app_restart_and_holds_no_plain_token() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let bff = TestBff::start(settings(&idp, Some((&redis, &key)), &[])).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
 
     // Nothing in Redis reads as a JWT: the identity tokens are Fernet-encrypted.
     let mut conn = redis_conn(&redis).await;
@@ -187,13 +212,25 @@ async fn redis_session_survives_an_app_restart_and_holds_no_plain_token() {
         .expect("keys");
     assert!(keys.len() >= 3, "session, tokens and index keys: {keys:?}");
     for k in &keys {
-        let kind: String = redis::cmd("TYPE").arg(k).query_async(&mut conn).await.expect("type");
+        let kind: String = redis::cmd("TYPE")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("type");
         let dump = if kind == "string" {
-            redis::cmd("GET").arg(k).query_async::<String>(&mut conn).await.expect("get")
+            redis::cmd("GET")
+                .arg(k)
+                .query_async::<String>(&mut conn)
+                .await
+                .expect("get")
         } else {
             format!(
                 "{:?}",
-                redis::cmd("SMEMBERS").arg(k).query_async::<Vec<String>>(&mut conn).await.expect("smembers")
+                redis::cmd("SMEMBERS")
+                    .arg(k)
+                    .query_async::<Vec<String>>(&mut conn)
+                    .await
+                    .expect("smembers")
             )
         };
         assert!(!dump.contains("eyJ"), "plain token under {k}: {dump}");
@@ -217,7 +254,10 @@ async fn identity_token_is_refreshed_when_near_expiry() {
     ))
     .await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
     assert_eq!(idp.refresh_calls(), 0, "a fresh token is not refreshed");
 
@@ -239,7 +279,10 @@ async fn fifty_parallel_requests_near_expiry_refresh_once_across_two_replicas() 
     let a = TestBff::start(settings(&idp, Some((&redis, &key)), &extra)).await;
     let b = TestBff::start(settings(&idp, Some((&redis, &key)), &extra)).await;
     let mut browser = a.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     a.clock.advance(Duration::from_secs(70));
     b.clock.advance(Duration::from_secs(70));
 
@@ -272,7 +315,10 @@ async fn refused_refresh_ends_the_session() {
     ))
     .await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     idp.revoke_refresh_tokens(42);
     bff.clock.advance(Duration::from_secs(70));
 
@@ -281,7 +327,12 @@ async fn refused_refresh_ends_the_session() {
     assert_eq!(me.body["error"], "session_ended");
     assert!(browser.cookie.is_none(), "the cookie is cleared");
     assert!(
-        bff.state.sessions.list("42").await.expect("list").is_empty(),
+        bff.state
+            .sessions
+            .list("42")
+            .await
+            .expect("list")
+            .is_empty(),
         "no zombie session remains"
     );
     let mut conn = redis_conn(&redis).await;
@@ -290,7 +341,10 @@ async fn refused_refresh_ends_the_session() {
         .query_async(&mut conn)
         .await
         .expect("keys");
-    assert!(left.is_empty(), "tokens of the ended session remain: {left:?}");
+    assert!(
+        left.is_empty(),
+        "tokens of the ended session remain: {left:?}"
+    );
 }
 
 #[tokio::test]
@@ -298,7 +352,10 @@ async fn logout_ends_the_session_and_is_idempotent() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let bff = TestBff::start(settings(&idp, None, &[])).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     let cookie = browser.cookie.clone();
     let out = browser.post("/auth/logout", json!({})).await;
     assert_eq!(out.status, StatusCode::OK);
@@ -306,7 +363,10 @@ async fn logout_ends_the_session_and_is_idempotent() {
 
     let mut replay = bff.client();
     replay.cookie = cookie;
-    assert_eq!(replay.get("/auth/me").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        replay.get("/auth/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(
         replay.post("/auth/logout", json!({})).await.status,
         StatusCode::OK
@@ -322,7 +382,10 @@ async fn csrf_header_and_origin_are_enforced_for_cookie_requests_only() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let bff = TestBff::start(settings(&idp, None, &[])).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
 
     let mut no_header = browser.clone();
     no_header.csrf = false;
@@ -335,7 +398,11 @@ async fn csrf_header_and_origin_are_enforced_for_cookie_requests_only() {
     let res = evil.post("/auth/logout", json!({})).await;
     assert_eq!(res.status, StatusCode::FORBIDDEN);
     assert_eq!(res.body["error"], "csrf_rejected");
-    assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK, "still signed in");
+    assert_eq!(
+        browser.get("/auth/me").await.status,
+        StatusCode::OK,
+        "still signed in"
+    );
 
     // A cross-site page cannot plant a session through login either.
     let mut evil_login = bff.client();
@@ -373,16 +440,24 @@ async fn cors_allows_credentials_only_for_allowlisted_origins() {
             .header("Access-Control-Request-Method", "GET")
             .send()
     };
-    let ok = preflight("https://app.example.com").await.expect("preflight");
+    let ok = preflight("https://app.example.com")
+        .await
+        .expect("preflight");
     assert_eq!(
-        ok.headers().get("access-control-allow-origin").map(|v| v.as_bytes()),
+        ok.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.as_bytes()),
         Some(&b"https://app.example.com"[..])
     );
     assert_eq!(
-        ok.headers().get("access-control-allow-credentials").map(|v| v.as_bytes()),
+        ok.headers()
+            .get("access-control-allow-credentials")
+            .map(|v| v.as_bytes()),
         Some(&b"true"[..])
     );
-    let other = preflight("https://evil.example.net").await.expect("preflight");
+    let other = preflight("https://evil.example.net")
+        .await
+        .expect("preflight");
     assert!(other.headers().get("access-control-allow-origin").is_none());
 }
 
@@ -395,13 +470,19 @@ async fn idle_timeout_is_rolling_and_slide_false_does_not_extend_it() {
     ];
     let bff = TestBff::start(settings(&idp, None, &extra)).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
 
     bff.clock.advance(Duration::from_secs(1000));
     assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
     bff.clock.advance(Duration::from_secs(1000));
     // 2000 s since login > 1800 s idle, but the previous request slid the timer.
-    assert_eq!(browser.get("/auth/me?slide=false").await.status, StatusCode::OK);
+    assert_eq!(
+        browser.get("/auth/me?slide=false").await.status,
+        StatusCode::OK
+    );
     bff.clock.advance(Duration::from_secs(900));
     // 1900 s since the last sliding request: the slide=false call did not extend it.
     let res = browser.get("/auth/me").await;
@@ -418,7 +499,10 @@ async fn absolute_lifetime_ends_even_an_active_session() {
     ];
     let bff = TestBff::start(settings(&idp, None, &extra)).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     for _ in 0..5 {
         bff.clock.advance(Duration::from_secs(1400));
         let res = browser.get("/auth/me").await;
@@ -429,7 +513,10 @@ async fn absolute_lifetime_ends_even_an_active_session() {
     let idle = me.body["session"]["idle_expires_at"].clone();
     assert_eq!(idle, me.body["session"]["expires_at"]);
     bff.clock.advance(Duration::from_secs(300));
-    assert_eq!(browser.get("/auth/me").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        browser.get("/auth/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
@@ -443,11 +530,20 @@ async fn all_sessions_of_a_user_can_be_listed_and_revoked() {
         assert_eq!(b.login("alice", PASSWORD).await.status, StatusCode::OK);
     }
     assert_eq!(bff.state.sessions.list("42").await.expect("list").len(), 3);
-    assert_eq!(bff.state.sessions.revoke_all("42").await.expect("revoke"), 3);
+    assert_eq!(
+        bff.state.sessions.revoke_all("42").await.expect("revoke"),
+        3
+    );
     for b in &mut browsers {
         assert_eq!(b.get("/auth/me").await.status, StatusCode::UNAUTHORIZED);
     }
-    assert!(bff.state.sessions.list("42").await.expect("list").is_empty());
+    assert!(bff
+        .state
+        .sessions
+        .list("42")
+        .await
+        .expect("list")
+        .is_empty());
 }
 
 #[tokio::test]
@@ -481,7 +577,9 @@ async fn bearer_requests_are_authenticated_without_a_session() {
     let bff = TestBff::start(settings(&idp, None, &[])).await;
     let token = idp.mint_access(42, Duration::from_secs(300));
     let mut mobile = bff.client();
-    let res = mobile.send(Method::GET, "/auth/me", None, Some(&token)).await;
+    let res = mobile
+        .send(Method::GET, "/auth/me", None, Some(&token))
+        .await;
     assert_eq!(res.status, StatusCode::OK);
     assert_eq!(res.body["user"]["id"], "42");
     assert!(res.body["session"].is_null());
@@ -495,14 +593,20 @@ async fn redis_outage_is_503_and_recovers_without_restart() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let bff = TestBff::start(settings(&idp, Some((&redis, &key)), &[])).await;
     let mut browser = bff.client();
-    assert_eq!(browser.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
     assert_eq!(browser.get("/readyz").await.status, StatusCode::OK);
 
     redis.stop().await;
     let me = browser.get("/auth/me").await;
     assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(me.body["error"], "session_store_unavailable");
-    assert_eq!(browser.get("/readyz").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        browser.get("/readyz").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     assert_eq!(browser.get("/healthz").await.status, StatusCode::OK);
 
     redis.restart().await;

@@ -27,7 +27,10 @@ async fn a_50_mb_upload_streams_through_in_field_order() {
     w.user(&bff, 9).await;
     let bearer = w.bearer(9);
     // Warm up: the user's LibreChat login happens before measuring.
-    assert_eq!(get_json(&bff, "/api/chat/convos", &bearer).await.0, StatusCode::OK);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
 
     const SIZE: usize = 50 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
@@ -70,7 +73,12 @@ async fn a_50_mb_upload_streams_through_in_field_order() {
     assert_eq!(upload.file_bytes, SIZE as u64);
     assert_eq!(
         upload.field_names,
-        vec!["endpoint", "endpointType", "file", "file_id", "message_file"]
+        vec![
+            "endpoint",
+            "endpointType",
+            "file",
+            "file_id",
+            "message_file"
+        ]
     );
 }
-

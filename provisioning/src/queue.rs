@@ -343,18 +343,16 @@ impl JobQueue {
             .group(GROUP, consumer)
             .count(count)
             .block(block.as_millis() as usize);
-        let reply: Option<StreamReadReply> = match conn
-            .xread_options(&[self.stream()], &[">"], &opts)
-            .await
-        {
-            Ok(r) => r,
-            Err(e) if e.to_string().contains("NOGROUP") => {
-                // The stream vanished (Redis restarted without persistence): recreate.
-                self.ensure_group().await?;
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let reply: Option<StreamReadReply> =
+            match conn.xread_options(&[self.stream()], &[">"], &opts).await {
+                Ok(r) => r,
+                Err(e) if e.to_string().contains("NOGROUP") => {
+                    // The stream vanished (Redis restarted without persistence): recreate.
+                    self.ensure_group().await?;
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(e.into()),
+            };
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {

@@ -24,7 +24,9 @@ pub enum Outcome {
         spend_attempt: bool,
     },
     /// Give up: dead-letter with the reason.
-    Dead { reason: String },
+    Dead {
+        reason: String,
+    },
 }
 
 #[async_trait]

@@ -41,7 +41,10 @@ pub enum StoredCredential {
     /// Ready: nothing to do.
     Ready,
     /// A password exists but is not confirmed (`provisioning`, `drifted` or `conflict`).
-    Unconfirmed { password: String, drifted: bool },
+    Unconfirmed {
+        password: String,
+        drifted: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +68,12 @@ pub trait AccountBackend: Send + Sync + 'static {
     ) -> Result<(), BackendError>;
     async fn mark_conflict(&self, user_id: &str, message: &str) -> Result<(), BackendError>;
 
-    async fn register(&self, name: &str, email: &str, password: &str)
-        -> Result<(), LibreChatFailure>;
+    async fn register(
+        &self,
+        name: &str,
+        email: &str,
+        password: &str,
+    ) -> Result<(), LibreChatFailure>;
     /// Logs in; returns LibreChat's user id when it says.
     async fn login(&self, email: &str, password: &str) -> Result<Option<String>, LibreChatFailure>;
     /// `POST /api/auth/requestPasswordReset`: the reset link when no email service is set up.
@@ -81,8 +88,7 @@ pub trait AccountBackend: Send + Sync + 'static {
 
 /// A strong random password LibreChat accepts (8–128 characters; 32 here).
 pub fn generate_password() -> String {
-    const ALPHABET: &[u8] =
-        b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_.!@#%^*+=";
+    const ALPHABET: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789-_.!@#%^*+=";
     let mut rng = rand::rng();
     (0..32)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
@@ -153,7 +159,11 @@ impl<B: AccountBackend> ProvisionWorkflow<B> {
     }
 
     /// The account exists with a password we do not know: reset it to ours.
-    async fn recover(&self, req: &ProvisionRequest, password: &str) -> Result<Outcome, BackendError> {
+    async fn recover(
+        &self,
+        req: &ProvisionRequest,
+        password: &str,
+    ) -> Result<Outcome, BackendError> {
         let b = &self.backend;
         let conflict = |why: &str| {
             format!(
@@ -254,7 +264,10 @@ mod tests {
         assert_eq!(librechat_name(None, "jo@example.com"), "jo_");
         assert_eq!(librechat_name(Some("  "), "alice@example.com"), "alice");
         assert_eq!(librechat_name(Some(&"x".repeat(100)), "a@b.c").len(), 80);
-        assert_eq!(librechat_name(Some("Zoë Ölund"), "z@example.com"), "Zoë Ölund");
+        assert_eq!(
+            librechat_name(Some("Zoë Ölund"), "z@example.com"),
+            "Zoë Ölund"
+        );
     }
 
     #[test]

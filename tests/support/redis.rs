@@ -55,6 +55,7 @@ struct Local {
 
 impl RedisServer {
     /// Starts `redis-server` on a free loopback port in a fresh temp dir, without persistence.
+    /// A local `redis-server` is preferred over `REDIS_URL`.
     pub async fn start() -> RedisServer {
         Self::launch(false).await
     }
@@ -87,7 +88,7 @@ impl RedisServer {
     }
 
     /// Shuts the server down (`SHUTDOWN NOSAVE`, or a kill if that does not work) and returns
-    /// once its port refuses connections.
+    /// once its port refuses connections. Does nothing if already stopped.
     pub async fn stop(&mut self) {
         let url = self.url();
         let local = self.local_mut("stop");
@@ -128,7 +129,7 @@ impl RedisServer {
     }
 
     /// Starts the server again on the same port and directory (so an AOF instance gets its
-    /// data back) and returns once it answers `PING`.
+    /// data back) and returns once it answers `PING`. Does nothing if it is running.
     pub async fn restart(&mut self) {
         let url = self.url();
         let local = self.local_mut("restart");

@@ -72,7 +72,8 @@ impl World {
             is_active: true,
         });
         let lc_password = format!("lc-pass-{id}-Xy9!long");
-        self.lc.create_user(&email, &lc_password, &format!("User {id}"));
+        self.lc
+            .create_user(&email, &lc_password, &format!("User {id}"));
         let vault = &bff.state.vault;
         let record = vault.new_record(
             &id.to_string(),
@@ -122,4 +123,3 @@ pub fn chat_body(text: &str) -> Value {
         "model": "fake-model",
     })
 }
-
