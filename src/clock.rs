@@ -26,6 +26,12 @@ impl ManualClock {
         let mut offset = self.0.lock().unwrap_or_else(|p| p.into_inner());
         *offset += Duration::try_from(by).unwrap_or(Duration::ZERO);
     }
+
+    /// Moves the clock back (a server whose clock lags its peers).
+    pub fn rewind(&self, by: std::time::Duration) {
+        let mut offset = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *offset -= Duration::try_from(by).unwrap_or(Duration::ZERO);
+    }
 }
 
 impl Clock for ManualClock {

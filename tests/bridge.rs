@@ -490,3 +490,53 @@ async fn cookie_requests_to_the_proxy_need_the_csrf_header() {
         .iter()
         .all(|r| !r.path.starts_with("/api/agents")));
 }
+
+#[tokio::test]
+async fn a_401_from_librechat_renews_the_token_and_replays_small_requests() {
+    let w = World::new(FakeLibreChatOptions {
+        access_token_lifetime: Duration::from_secs(2),
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let bff = w
+        .bff(&[("BFF__LIBRECHAT__TOKEN_REFRESH_SKEW_SECS", "0".to_string())])
+        .await;
+    w.user(&bff, 19).await;
+    let bearer = w.bearer(19);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    // The BFF's clock lags: it believes the token is valid after LibreChat has expired it.
+    bff.clock.rewind(Duration::from_secs(120));
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::OK, "replayed after a refresh: {body}");
+    assert_eq!(w.lc.refresh_calls(), 1);
+    let rejected =
+        w.lc.requests()
+            .iter()
+            .filter(|r| r.path.starts_with("/api/convos"))
+            .count();
+    assert_eq!(rejected, 3, "first call, the 401, and the replay");
+
+    // A body too large to keep cannot be replayed: 401, and the next request re-acquires.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let big = "x".repeat(100 * 1024);
+    let res = http()
+        .post(format!("{}/api/chat/convos/update", bff.base_url))
+        .bearer_auth(&bearer)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(format!(
+            "{{\"arg\":{{\"conversationId\":\"nope\",\"title\":\"{big}\"}}}}"
+        ))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"], "librechat_unauthorized");
+    let (status, _) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::OK, "the next request re-acquires");
+}
