@@ -4,7 +4,7 @@ use std::{ops::Deref, sync::Arc, time::Duration};
 
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
-    routing::{any, get, post},
+    routing::{any, delete, get, post},
     Router,
 };
 use tower_http::{
@@ -14,12 +14,14 @@ use tower_http::{
 use tower_sessions::{cookie::SameSite, MemoryStore, SessionManagerLayer};
 
 use crate::{
+    admin,
     clock::{Clock, SystemClock},
     config::{Config, ConfigError, SessionStoreKind},
     credentials::{vault::CredentialVault, CryptoError, KeyRing},
     error, health,
     identity::{IdentityClient, IdentityVerifier},
     librechat::{LibreChatClient, TokenManager},
+    provision::Provisioner,
     proxy::{self, Upstream},
     redis_conn::RedisHandle,
     session::{self, csrf::CsrfPolicy, BffSessionStore, RedisSessionStore, SessionRegistry},
@@ -47,6 +49,7 @@ pub struct AppInner {
     pub vault: CredentialVault,
     pub tokens: TokenManager,
     pub upstream: Upstream,
+    pub provisioner: Provisioner,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub browser_user_agent: HeaderValue,
 }
@@ -90,13 +93,20 @@ impl AppState {
             Duration::from_secs(config.librechat.token_refresh_skew_secs),
         );
         let upstream = Upstream::new(&config.librechat)?;
-        let csrf = CsrfPolicy::new(&config.csrf);
-        let trusted_proxies = config.trusted_proxies()?;
         let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
             .map_err(|_| ConfigError::Invalid {
                 key: "librechat.browser_user_agent".into(),
                 reason: "not a header value".into(),
             })?;
+        let provisioner = Provisioner::new(
+            &config,
+            redis.client().clone(),
+            vault.clone(),
+            LibreChatClient::new(&config.librechat),
+            browser_user_agent.clone(),
+        );
+        let csrf = CsrfPolicy::new(&config.csrf);
+        let trusted_proxies = config.trusted_proxies()?;
         Ok(Self(Arc::new(AppInner {
             config,
             clock,
@@ -109,6 +119,7 @@ impl AppState {
             vault,
             tokens,
             upstream,
+            provisioner,
             trusted_proxies,
             browser_user_agent,
         })))
@@ -125,6 +136,13 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/session", post(session::routes::exchange))
         .route("/auth/logout", post(session::routes::logout))
         .route("/auth/me", get(session::routes::me))
+        // Operations (src/admin/): provisioning, jobs, session revocation; identity webhook.
+        .route("/admin/users", post(admin::add_user))
+        .route("/admin/users/{id}", get(admin::show_user))
+        .route("/admin/users/{id}/sessions", delete(admin::revoke_sessions))
+        .route("/admin/jobs", get(admin::list_jobs))
+        .route("/admin/jobs/{id}/retry", post(admin::retry_job))
+        .route("/hooks/users", post(admin::hooks::users))
         // The product: LibreChat's /api/* as the signed-in user (src/proxy/mod.rs).
         .route("/api/chat/{*path}", any(proxy::forward))
         // Anything else: JSON 404.

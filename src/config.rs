@@ -68,6 +68,39 @@ pub struct Config {
     pub csrf: CsrfConfig,
     pub identity: IdentityConfig,
     pub librechat: LibreChatConfig,
+    pub provisioning: ProvisioningConfig,
+    pub admin: AdminConfig,
+    pub hooks: HooksConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvisioningConfig {
+    pub workers_in_serve: bool,
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub base_backoff_secs: u64,
+    pub max_backoff_secs: u64,
+    pub visibility_timeout_secs: u64,
+    pub forwarded_for: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    pub group: String,
+    pub token: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    pub secret: Secret,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
+    pub tolerance_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -234,6 +267,16 @@ impl Config {
     }
 
     fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        resolve_file(
+            "admin.token_file",
+            &mut self.admin.token,
+            self.admin.token_file.take(),
+        )?;
+        resolve_file(
+            "hooks.secret_file",
+            &mut self.hooks.secret,
+            self.hooks.secret_file.take(),
+        )?;
         if let Some(path) = self.redis.url_file.take() {
             self.redis.url = Secret::new(read_secret_file("redis.url_file", &path)?);
         }
@@ -381,6 +424,31 @@ impl Config {
             ));
         }
         self.validate_librechat()?;
+        let p = &self.provisioning;
+        if p.concurrency == 0 {
+            return Err(invalid("provisioning.concurrency", "must be > 0"));
+        }
+        if p.max_attempts == 0 {
+            return Err(invalid("provisioning.max_attempts", "must be > 0"));
+        }
+        if p.visibility_timeout_secs == 0 {
+            return Err(invalid(
+                "provisioning.visibility_timeout_secs",
+                "must be > 0",
+            ));
+        }
+        if p.forwarded_for.parse::<std::net::IpAddr>().is_err() {
+            return Err(invalid(
+                "provisioning.forwarded_for",
+                "must be an IP address",
+            ));
+        }
+        if !self.admin.token.is_empty() && self.admin.token.expose().len() < 16 {
+            return Err(invalid("admin.token", "must be at least 16 characters"));
+        }
+        if !self.hooks.secret.is_empty() && self.hooks.secret.expose().len() < 16 {
+            return Err(invalid("hooks.secret", "must be at least 16 characters"));
+        }
         Ok(())
     }
 
@@ -477,6 +545,16 @@ impl SessionConfig {
     pub fn slide_interval(&self) -> Duration {
         Duration::from_secs(self.slide_interval_secs)
     }
+}
+
+fn resolve_file(key: &str, secret: &mut Secret, path: Option<String>) -> Result<(), ConfigError> {
+    if let Some(path) = path {
+        if !secret.is_empty() {
+            return Err(invalid(key, "set either the secret or its _file, not both"));
+        }
+        *secret = Secret::new(read_secret_file(key, &path)?);
+    }
+    Ok(())
 }
 
 fn read_secret_file(key: &str, path: &str) -> Result<String, ConfigError> {

@@ -34,6 +34,8 @@ pub enum ApiError {
     SessionStoreUnavailable,
     #[error("not found")]
     NotFound,
+    #[error("the webhook signature or timestamp is not valid")]
+    HookSignature,
     #[error("the request path is not acceptable")]
     BadPath,
     #[error("the request body exceeds the limit")]
@@ -68,6 +70,7 @@ impl ApiError {
             Self::IdentityUnavailable => StatusCode::BAD_GATEWAY,
             Self::SessionStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::HookSignature => StatusCode::UNAUTHORIZED,
             Self::BadPath => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::LibreChatUnavailable => StatusCode::BAD_GATEWAY,
@@ -93,6 +96,7 @@ impl ApiError {
             Self::IdentityUnavailable => "identity_unavailable",
             Self::SessionStoreUnavailable => "session_store_unavailable",
             Self::NotFound => "not_found",
+            Self::HookSignature => "invalid_signature",
             Self::BadPath => "bad_path",
             Self::PayloadTooLarge => "payload_too_large",
             Self::LibreChatUnavailable => "librechat_unavailable",
@@ -123,6 +127,10 @@ impl ApiError {
                 "The session store is unreachable; try again shortly.".into()
             }
             Self::NotFound => "No such route.".into(),
+            Self::HookSignature => {
+                "The X-BFF-Signature / X-BFF-Timestamp headers are missing, wrong or too old."
+                    .into()
+            }
             Self::BadPath => {
                 "The path has dot segments, encoded slashes, empty segments or control bytes."
                     .into()

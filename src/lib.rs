@@ -2,6 +2,7 @@
 //!
 //! Start reading at [`app::router`]: it lists every route and where it goes.
 
+pub mod admin;
 pub mod app;
 pub mod client;
 pub mod clock;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod identity;
 pub mod librechat;
 pub mod lock;
+pub mod provision;
 pub mod proxy;
 pub mod redis_conn;
 pub mod serve;

@@ -3,7 +3,9 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use librechat_bff::{app::AppState, config::Config, credentials::KeyRing, serve, telemetry};
+use librechat_bff::{
+    admin::ops, app::AppState, config::Config, credentials::KeyRing, serve, telemetry,
+};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +36,25 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Run provisioning workers only (scale-out), until SIGINT/SIGTERM.
+    Worker {
+        #[arg(long, env = "BFF_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Users: register, import, inspect, retry.
+    Users {
+        #[arg(long, env = "BFF_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Provisioning jobs.
+    Jobs {
+        #[arg(long, env = "BFF_CONFIG", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// The credential vault.
     Credentials {
         #[command(subcommand)]
@@ -48,6 +69,38 @@ enum CredentialsCommand {
         #[arg(long, env = "BFF_CONFIG")]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Register a user: enqueue the creation of their LibreChat account.
+    Add {
+        #[arg(long)]
+        user_id: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Import users from CSV: user_id,email[,name][,librechat_password_encrypted].
+    Import { file: PathBuf },
+    /// Show a user's provisioning state (never the password).
+    Show { user_id: String },
+    /// Provision a user again (e.g. after fixing a conflict).
+    Retry { user_id: String },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// List jobs in one state.
+    List {
+        #[arg(long, default_value = "dead")]
+        state: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Run a dead job again.
+    Retry { job_id: String },
 }
 
 #[derive(Subcommand)]
@@ -87,6 +140,17 @@ fn main() -> ExitCode {
         Command::Credentials {
             command: CredentialsCommand::Rotate { config },
         } => run_async(rotate_credentials(config)),
+        Command::Users { config, command } => run_async(users(config, command)),
+        Command::Jobs { config, command } => run_async(jobs(config, command)),
+        Command::Worker { config } => {
+            telemetry::init();
+            run_async(async move {
+                let config = Config::load(config.as_deref())?;
+                let state = AppState::new(config)?;
+                serve::run_worker(state).await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
         Command::Serve { config } => {
             telemetry::init();
             let runtime = match tokio::runtime::Runtime::new() {
@@ -125,6 +189,108 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+fn print_json(v: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+    );
+}
+
+async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult {
+    let state = AppState::new(Config::load(config_file.as_deref())?)?;
+    match command {
+        UsersCommand::Add {
+            user_id,
+            email,
+            name,
+        } => {
+            let (job, created) = ops::add_user(
+                &state,
+                ops::NewUser {
+                    user_id,
+                    email,
+                    name,
+                },
+                "cli",
+            )
+            .await?;
+            println!(
+                "{} job {job}",
+                if created {
+                    "enqueued"
+                } else {
+                    "already queued:"
+                }
+            );
+        }
+        UsersCommand::Import { file } => {
+            let input = std::fs::File::open(&file)
+                .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
+            let report = ops::import_csv(&state, input).await?;
+            println!(
+                "import: {} migrated (ready), {} enqueued, {} already queued, {} rejected",
+                report.migrated,
+                report.enqueued,
+                report.already_queued,
+                report.rejected.len()
+            );
+            for line in &report.rejected {
+                eprintln!("rejected: {line}");
+            }
+            if !report.rejected.is_empty() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        UsersCommand::Show { user_id } => match ops::user_status(&state, &user_id).await? {
+            Some(v) => print_json(&v),
+            None => {
+                eprintln!("no user {user_id:?}: no credential and no job");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
+        UsersCommand::Retry { user_id } => {
+            let Some(record) = state.vault.get(&user_id).await? else {
+                eprintln!("no credential for {user_id:?}: use `users add`");
+                return Ok(ExitCode::FAILURE);
+            };
+            let (job, _) = ops::add_user(
+                &state,
+                ops::NewUser {
+                    user_id,
+                    email: record.email,
+                    name: record.name,
+                },
+                "cli",
+            )
+            .await?;
+            println!("job {job}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn jobs(config_file: Option<PathBuf>, command: JobsCommand) -> CliResult {
+    let state = AppState::new(Config::load(config_file.as_deref())?)?;
+    match command {
+        JobsCommand::List { state: s, limit } => {
+            let jobs = state
+                .provisioner
+                .queue
+                .list(ops::parse_state(&s)?, limit)
+                .await?;
+            let list: Vec<_> = jobs.iter().map(ops::job_json).collect();
+            print_json(&serde_json::Value::Array(list));
+        }
+        JobsCommand::Retry { job_id } => {
+            let job = state.provisioner.queue.requeue(&job_id).await?;
+            println!("job {job} queued");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn rotate_credentials(

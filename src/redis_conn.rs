@@ -39,6 +39,10 @@ impl RedisHandle {
         })
     }
 
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
     /// A cheap clone of the shared connection; connects on first use.
     pub async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
         let manager = self

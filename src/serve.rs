@@ -1,8 +1,8 @@
 //! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain.
 
-use std::{net::SocketAddr, path::Path};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     app::{router, AppState, StartupError},
@@ -55,15 +55,49 @@ pub fn announce(config: &Config, config_file: Option<&Path>, state: &AppState) {
 }
 
 pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = state
+        .config
+        .provisioning
+        .workers_in_serve
+        .then(|| state.provisioner.spawn_worker(stop_rx.clone()));
     let app = router(state);
-    axum::serve(
+    let mut server_stop = stop_rx.clone();
+    let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    .with_graceful_shutdown(async move {
+        let _ = server_stop.wait_for(|stop| *stop).await;
+    });
+    let signal = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let result = server.await;
+    signal.abort();
+    if let Some(worker) = worker {
+        // The worker finishes the jobs it holds; anything left is reclaimed by another worker.
+        if tokio::time::timeout(Duration::from_secs(30), worker)
+            .await
+            .is_err()
+        {
+            tracing::warn!("provisioning worker did not stop in 30 s; its jobs will be reclaimed");
+        }
+    }
+    result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `librechat-bff worker`: provisioning workers only, until SIGINT/SIGTERM.
+pub async fn run_worker(state: AppState) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker = state.provisioner.spawn_worker(stop_rx);
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let _ = worker.await;
+    tracing::info!("worker stopped");
 }
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {

@@ -19,7 +19,10 @@ use axum::{
 };
 use http_body_util::{BodyExt, Limited};
 
-use crate::{app::AppState, client::client_info, error::ApiError, session::authenticate};
+use crate::{
+    app::AppState, client::client_info, error::ApiError, librechat::TokenError,
+    session::authenticate,
+};
 
 pub use upstream::Upstream;
 
@@ -43,8 +46,22 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
         .ok_or(ApiError::Internal)?;
     let client = client_info(peer, &parts.headers, state);
 
-    // 2. Acquire the user's LibreChat token (in-process when warm).
-    let token = state.tokens.token(&user.id, &client).await?;
+    // 2. Acquire the user's LibreChat token (in-process when warm). No usable account yet:
+    // make sure a provisioning job exists (just in time), answer 503 meanwhile.
+    let token = match state.tokens.token(&user.id, &client).await {
+        Ok(token) => token,
+        Err(e) => {
+            if matches!(
+                e,
+                TokenError::ProvisioningPending | TokenError::CredentialInvalid
+            ) {
+                if let Err(pe) = state.provisioner.ensure(&user, "login").await {
+                    tracing::warn!(user = %user.id, error = %pe, "cannot enqueue provisioning");
+                }
+            }
+            return Err(e.into());
+        }
+    };
 
     // 3. Rewrite the request.
     let request_id = headers::request_id(&parts.headers);

@@ -144,6 +144,14 @@ async fn open_session(
         .register(&data.user.id, &sid, &stored, until)
         .await?;
     tracing::info!(user = %data.user.id, "session opened");
+    // Just-in-time provisioning, off the sign-in path: sign-in never waits for it.
+    let provisioner = state.provisioner.clone();
+    let user = data.user.clone();
+    tokio::spawn(async move {
+        if let Err(e) = provisioner.ensure(&user, "login").await {
+            tracing::warn!(user = %user.id, error = %e, "cannot enqueue provisioning");
+        }
+    });
     Ok(data)
 }
 

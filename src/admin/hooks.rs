@@ -1,0 +1,127 @@
+//! `POST /hooks/users`: the identity service tells us a user was created or deactivated.
+//!
+//! Authenticated by `X-BFF-Signature: sha256=<hex HMAC-SHA256(secret, "<timestamp>.<raw body>")>`
+//! with `X-BFF-Timestamp: <unix seconds>`; a timestamp outside `hooks.tolerance_secs` is refused,
+//! so a captured request cannot be replayed later.
+
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::Sha256;
+
+use super::ops::{self, NewUser};
+use crate::{app::AppState, error::ApiError, extract::parse_json};
+
+#[derive(Deserialize)]
+struct HookEvent {
+    event: String,
+    user: HookUser,
+}
+
+#[derive(Deserialize)]
+struct HookUser {
+    id: serde_json::Value,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// The signature header value for `body` at `timestamp` (what the identity service sends).
+pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    let secret = state.config.hooks.secret.expose().as_bytes();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let timestamp: i64 = header("x-bff-timestamp")
+        .and_then(|t| t.trim().parse().ok())
+        .ok_or(ApiError::HookSignature)?;
+    let now = state.clock.now().unix_timestamp();
+    if (now - timestamp).unsigned_abs() > state.config.hooks.tolerance_secs {
+        return Err(ApiError::HookSignature);
+    }
+    let presented = header("x-bff-signature")
+        .and_then(|s| s.trim().strip_prefix("sha256="))
+        .and_then(|h| hex::decode(h).ok())
+        .ok_or(ApiError::HookSignature)?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|_| ApiError::Internal)?;
+    mac.update(timestamp.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    // verify_slice compares in constant time.
+    mac.verify_slice(&presented)
+        .map_err(|_| ApiError::HookSignature)
+}
+
+pub async fn users(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if state.config.hooks.secret.is_empty() {
+        return Err(ApiError::NotFound);
+    }
+    verify(&state, &headers, &body)?;
+    let event: HookEvent = parse_json(&body)?;
+    let user_id = match &event.user.id {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "`user.id` must be a string or number.".into(),
+            ))
+        }
+    };
+    match event.event.as_str() {
+        "user.created" | "user.updated" => {
+            let email = event
+                .user
+                .email
+                .ok_or_else(|| ApiError::BadRequest("`user.email` is required.".into()))?;
+            let (job_id, created) = ops::add_user(
+                &state,
+                NewUser {
+                    user_id,
+                    email,
+                    name: event.user.name,
+                },
+                "webhook",
+            )
+            .await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({ "job_id": job_id, "created": created })),
+            )
+                .into_response())
+        }
+        "user.deactivated" => {
+            let revoked = state.sessions.revoke_all(&user_id).await?;
+            if let Err(e) = state
+                .tokens
+                .sign_out(&user_id, state.provisioner.caller())
+                .await
+            {
+                tracing::warn!(user = %user_id, error = %e, "LibreChat sign-out of a deactivated user failed");
+            }
+            tracing::info!(user = %user_id, revoked, "user deactivated by the identity service");
+            Ok(Json(json!({ "revoked": revoked })).into_response())
+        }
+        other => Err(ApiError::BadRequest(format!(
+            "Unknown event {other:?}: expected user.created, user.updated or user.deactivated."
+        ))),
+    }
+}

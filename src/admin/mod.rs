@@ -1,0 +1,139 @@
+//! The ops API (`/admin/*`) and the identity service's webhook (`/hooks/users`).
+//!
+//! Admin callers: `Authorization: Bearer <admin.token>` (constant-time compare), or any
+//! authenticated identity (Bearer JWT or cookie session) in the `admin.group` group. Everyone
+//! else: 401 without credentials, 403 with the wrong ones.
+
+pub mod hooks;
+pub mod ops;
+
+use axum::{
+    extract::{FromRequestParts, Path, Query, State},
+    http::{request::Parts, StatusCode},
+    response::{IntoResponse, Response},
+    Json,
+};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+
+use crate::{
+    app::AppState,
+    error::ApiError,
+    extract::JsonBody,
+    session::{auth::bearer_token, authenticate},
+};
+
+use ops::{NewUser, OpsError};
+
+/// Extractor: the caller is an operator.
+pub struct AdminCaller;
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = &state.config.admin.token;
+        if let Some(presented) = bearer_token(parts) {
+            if !token.is_empty()
+                && bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes()))
+            {
+                return Ok(AdminCaller);
+            }
+        }
+        let caller = authenticate(state, parts, false).await?;
+        let group = &state.config.admin.group;
+        if !group.is_empty() && caller.user.groups.iter().any(|g| g == group) {
+            return Ok(AdminCaller);
+        }
+        Err(ApiError::Forbidden(
+            "This needs an operator (see admin.group / admin.token).",
+        ))
+    }
+}
+
+impl From<OpsError> for ApiError {
+    fn from(e: OpsError) -> Self {
+        match e {
+            OpsError::Invalid(m) => ApiError::BadRequest(m),
+            other => {
+                tracing::warn!(error = %other, "admin operation failed");
+                ApiError::SessionStoreUnavailable
+            }
+        }
+    }
+}
+
+/// `POST /admin/users {user_id, email, name?}` → 202 `{job_id, created}`.
+pub async fn add_user(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    JsonBody(user): JsonBody<NewUser>,
+) -> Result<Response, ApiError> {
+    let (job_id, created) = ops::add_user(&state, user, "admin").await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "job_id": job_id, "created": created })),
+    )
+        .into_response())
+}
+
+/// `GET /admin/users/{id}`: state, LibreChat user id, attempts, last error — never the password.
+pub async fn show_user(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    ops::user_status(&state, &id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound)
+}
+
+#[derive(Deserialize)]
+pub struct JobsQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /admin/jobs?state=dead|pending|delayed|running|done[&limit=N]`.
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    Query(q): Query<JobsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let job_state = ops::parse_state(q.state.as_deref().unwrap_or("dead"))?;
+    let jobs = state
+        .provisioner
+        .queue
+        .list(job_state, q.limit.unwrap_or(100).min(1000))
+        .await
+        .map_err(OpsError::from)?;
+    Ok(Json(json!({
+        "jobs": jobs.iter().map(ops::job_json).collect::<Vec<_>>()
+    })))
+}
+
+/// `POST /admin/jobs/{id}/retry` → 202 `{job_id}` (the user's active job if one already runs).
+pub async fn retry_job(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.provisioner.queue.requeue(&id).await {
+        Ok(job_id) => Ok((StatusCode::ACCEPTED, Json(json!({ "job_id": job_id }))).into_response()),
+        Err(provisioning::QueueError::NotFound(_)) => Err(ApiError::NotFound),
+        Err(e) => Err(OpsError::from(e).into()),
+    }
+}
+
+/// `DELETE /admin/users/{id}/sessions` → `{revoked: N}`.
+pub async fn revoke_sessions(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let revoked = state.sessions.revoke_all(&id).await?;
+    tracing::info!(user = %id, revoked, "sessions revoked by an operator");
+    Ok(Json(json!({ "revoked": revoked })))
+}

@@ -1,0 +1,286 @@
+//! The service's side of provisioning: the job queue wired to the credential vault and the
+//! LibreChat client (the workflow itself lives in the `provisioning` crate), and the
+//! just-in-time trigger used by sign-in and the proxy.
+
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use axum::http::HeaderValue;
+use provisioning::{
+    workflow::BackendError, AccountBackend, JobQueue, LibreChatFailure, ProvisionRequest,
+    ProvisionWorkflow, QueueConfig, QueueError, StoredCredential, Worker,
+};
+use tokio::sync::watch;
+
+use crate::{
+    client::ClientInfo,
+    config::Config,
+    credentials::vault::{CredentialStatus, CredentialVault, Password, VaultError},
+    librechat::{LibreChatClient, LibreChatError},
+    session::UserInfo,
+};
+
+/// The vault and LibreChat, as the workflow sees them.
+pub struct VaultAccounts {
+    vault: CredentialVault,
+    client: LibreChatClient,
+    caller: ClientInfo,
+}
+
+impl From<VaultError> for BackendError {
+    fn from(e: VaultError) -> Self {
+        BackendError(e.to_string())
+    }
+}
+
+fn failure(e: LibreChatError) -> LibreChatFailure {
+    match e {
+        LibreChatError::RateLimited { retry_after } => LibreChatFailure::RateLimited(retry_after),
+        LibreChatError::BadCredentials => LibreChatFailure::BadCredentials,
+        LibreChatError::Rejected {
+            status: 403,
+            message,
+        } if message.contains("not allowed") => LibreChatFailure::Disabled(message),
+        LibreChatError::Rejected { message, .. } => LibreChatFailure::Invalid(message),
+        LibreChatError::TwoFactorRequired => {
+            LibreChatFailure::Invalid("the account has two-factor authentication on".into())
+        }
+        other => LibreChatFailure::Unavailable(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl AccountBackend for VaultAccounts {
+    async fn credential(&self, user_id: &str) -> Result<StoredCredential, BackendError> {
+        let Some(record) = self.vault.get(user_id).await? else {
+            return Ok(StoredCredential::None);
+        };
+        let password = self.vault.password(&record)?.expose().to_owned();
+        Ok(match record.status {
+            CredentialStatus::Ready => StoredCredential::Ready,
+            CredentialStatus::Provisioning => StoredCredential::Unconfirmed {
+                password,
+                drifted: false,
+            },
+            CredentialStatus::Drifted | CredentialStatus::Conflict => {
+                StoredCredential::Unconfirmed {
+                    password,
+                    drifted: true,
+                }
+            }
+        })
+    }
+
+    async fn store_password(
+        &self,
+        request: &ProvisionRequest,
+        password: &str,
+    ) -> Result<(), BackendError> {
+        let record = self.vault.new_record(
+            &request.user_id,
+            &request.email,
+            request.name.as_deref(),
+            &Password::new(password),
+            CredentialStatus::Provisioning,
+        );
+        Ok(self.vault.put(&record).await?)
+    }
+
+    async fn mark_ready(
+        &self,
+        user_id: &str,
+        librechat_user_id: Option<&str>,
+    ) -> Result<(), BackendError> {
+        if let Some(mut record) = self.vault.get(user_id).await? {
+            record.status = CredentialStatus::Ready;
+            record.last_error = None;
+            if let Some(id) = librechat_user_id {
+                record.librechat_user_id = Some(id.to_owned());
+            }
+            record.updated_at = provisioning::queue::now();
+            self.vault.put(&record).await?;
+        }
+        Ok(())
+    }
+
+    async fn mark_conflict(&self, user_id: &str, message: &str) -> Result<(), BackendError> {
+        Ok(self
+            .vault
+            .set_status(
+                user_id,
+                CredentialStatus::Conflict,
+                Some(message.to_owned()),
+            )
+            .await?)
+    }
+
+    async fn register(
+        &self,
+        name: &str,
+        email: &str,
+        password: &str,
+    ) -> Result<(), LibreChatFailure> {
+        self.client
+            .register(name, email, password, &self.caller)
+            .await
+            .map_err(failure)
+    }
+
+    async fn login(&self, email: &str, password: &str) -> Result<Option<String>, LibreChatFailure> {
+        let login = self
+            .client
+            .login(email, password, &self.caller)
+            .await
+            .map_err(failure)?;
+        // This confirm-login's session is not needed: log it out so sessions don't pile up.
+        if let Err(e) = self
+            .client
+            .logout(&login.token, &login.refresh_token, &self.caller)
+            .await
+        {
+            tracing::debug!(error = %e, "logout after confirm-login failed");
+        }
+        Ok(login.user_id)
+    }
+
+    async fn request_reset(&self, email: &str) -> Result<Option<String>, LibreChatFailure> {
+        self.client
+            .request_password_reset(email, &self.caller)
+            .await
+            .map_err(failure)
+    }
+
+    async fn reset_password(
+        &self,
+        librechat_user_id: &str,
+        token: &str,
+        password: &str,
+    ) -> Result<(), LibreChatFailure> {
+        self.client
+            .reset_password(librechat_user_id, token, password, &self.caller)
+            .await
+            .map_err(failure)
+    }
+}
+
+/// The queue and how to feed and drain it.
+#[derive(Clone)]
+pub struct Provisioner {
+    pub queue: JobQueue,
+    vault: CredentialVault,
+    client: LibreChatClient,
+    caller: ClientInfo,
+    concurrency: usize,
+}
+
+impl std::fmt::Debug for Provisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provisioner").finish_non_exhaustive()
+    }
+}
+
+impl Provisioner {
+    pub fn new(
+        config: &Config,
+        redis_client: redis::Client,
+        vault: CredentialVault,
+        client: LibreChatClient,
+        browser_user_agent: HeaderValue,
+    ) -> Self {
+        let p = &config.provisioning;
+        let queue = JobQueue::new(
+            redis_client,
+            QueueConfig {
+                prefix: config.redis.key_prefix.clone(),
+                visibility_timeout: Duration::from_secs(p.visibility_timeout_secs),
+                max_attempts: p.max_attempts,
+                base_backoff: Duration::from_secs(p.base_backoff_secs),
+                max_backoff: Duration::from_secs(p.max_backoff_secs),
+                ..QueueConfig::default()
+            },
+        );
+        let ip: IpAddr = p
+            .forwarded_for
+            .parse()
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        Self {
+            queue,
+            vault,
+            client,
+            caller: ClientInfo {
+                ip,
+                user_agent: browser_user_agent,
+                proto: HeaderValue::from_static("http"),
+                host: None,
+            },
+            concurrency: p.concurrency,
+        }
+    }
+
+    /// The address and agent the BFF's own LibreChat calls (not on behalf of a request) use.
+    pub fn caller(&self) -> &ClientInfo {
+        &self.caller
+    }
+
+    /// A worker that runs the provisioning workflow.
+    pub fn worker(&self) -> Worker {
+        let backend = VaultAccounts {
+            vault: self.vault.clone(),
+            client: self.client.clone(),
+            caller: self.caller.clone(),
+        };
+        Worker::new(
+            self.queue.clone(),
+            Arc::new(ProvisionWorkflow::new(backend)),
+            self.concurrency,
+        )
+    }
+
+    /// Runs one worker until `shutdown` turns true.
+    pub fn spawn_worker(&self, shutdown: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let worker = self.worker();
+        tokio::spawn(worker.run(shutdown))
+    }
+
+    pub async fn enqueue(&self, request: ProvisionRequest) -> Result<(String, bool), QueueError> {
+        self.queue.enqueue(request).await
+    }
+
+    /// Just in time: make sure a user without a usable LibreChat account has a job. Cheap when
+    /// one is already queued (the queue is idempotent per user).
+    pub async fn ensure(&self, user: &UserInfo, source: &str) -> Result<(), ProvisionError> {
+        let record = self.vault.get(&user.id).await?;
+        let (email, name) = match &record {
+            Some(r) if r.status == CredentialStatus::Ready => return Ok(()),
+            // A conflict needs an operator (see the runbook); re-running cannot fix it.
+            Some(r) if r.status == CredentialStatus::Conflict => return Ok(()),
+            Some(r) => (r.email.clone(), r.name.clone()),
+            None => (
+                user.email.clone().ok_or(ProvisionError::NoEmail)?,
+                user.name.clone(),
+            ),
+        };
+        let (job, created) = self
+            .enqueue(ProvisionRequest {
+                user_id: user.id.clone(),
+                email,
+                name,
+                source: source.to_owned(),
+            })
+            .await?;
+        if created {
+            tracing::info!(user = %user.id, %job, source, "provisioning job enqueued");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("the identity token carries no email, which LibreChat needs")]
+    NoEmail,
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
