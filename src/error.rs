@@ -179,6 +179,15 @@ impl IntoResponse for ApiError {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        let retry_after = match self {
+            Self::ProvisioningPending => Some(5),
+            Self::UpstreamRateLimited(s) => Some(s),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         res
     }
 }

@@ -1,0 +1,641 @@
+//! Provisioning end to end: admin API / webhook / CSV / just-in-time triggers, the Redis job
+//! queue and workers, against the fake LibreChat and a real Redis.
+
+mod support;
+
+use std::{future::Future, time::Duration};
+
+use librechat_bff::{admin::hooks::sign, credentials::vault::CredentialStatus};
+use provisioning::{JobState, ProvisionRequest};
+use reqwest::{header, StatusCode};
+use serde_json::{json, Value};
+use support::{
+    bff::TestBff,
+    fake_idp::FakeUser,
+    fake_librechat::FakeLibreChatOptions,
+    world::{get_json, http, World, ID_PASSWORD},
+};
+use tokio::sync::watch;
+
+const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+const HOOK_SECRET: &str = "test-hook-secret-0123456789";
+
+fn settings(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("BFF__ADMIN__TOKEN", ADMIN_TOKEN.to_string()),
+        ("BFF__HOOKS__SECRET", HOOK_SECRET.to_string()),
+        ("BFF__PROVISIONING__BASE_BACKOFF_SECS", "1".to_string()),
+        ("BFF__PROVISIONING__MAX_BACKOFF_SECS", "2".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    env
+}
+
+/// Polls `check` until it yields `Some`, failing after `secs`.
+async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+struct Workers(watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>);
+
+impl Workers {
+    fn start(bff: &TestBff, n: usize) -> Workers {
+        let (tx, rx) = watch::channel(false);
+        let handles = (0..n)
+            .map(|_| bff.state.provisioner.spawn_worker(rx.clone()))
+            .collect();
+        Workers(tx, handles)
+    }
+
+    async fn stop(self) {
+        let _ = self.0.send(true);
+        for h in self.1 {
+            let _ = h.await;
+        }
+    }
+}
+
+async fn admin(
+    bff: &TestBff,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = http()
+        .request(method, format!("{}{path}", bff.base_url))
+        .bearer_auth(ADMIN_TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.expect("send");
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+async fn user_state(bff: &TestBff, id: &str) -> Value {
+    admin(
+        bff,
+        reqwest::Method::GET,
+        &format!("/admin/users/{id}"),
+        None,
+    )
+    .await
+    .1
+}
+
+async fn wait_state(bff: &TestBff, id: &str, state: &str) -> Value {
+    eventually(20, &format!("user {id} to be {state}"), || async {
+        let v = user_state(bff, id).await;
+        (v["state"] == state).then_some(v)
+    })
+    .await
+}
+
+fn add_identity_user(w: &World, id: i64, email: &str, groups: Vec<String>) {
+    w.idp.add_user(FakeUser {
+        id,
+        username: format!("user{id}"),
+        email: email.into(),
+        password: ID_PASSWORD.into(),
+        name: format!("User {id}"),
+        groups,
+        is_active: true,
+    });
+}
+
+#[tokio::test]
+async fn an_operator_registers_a_user_who_then_simply_works() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    add_identity_user(&w, 201, "ann@example.com", vec![]);
+
+    // Only operators: no credentials → 401, a plain user → 403, the admin group → allowed.
+    let res = http()
+        .post(format!("{}/admin/users", bff.base_url))
+        .json(&json!({"user_id": "201", "email": "ann@example.com"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = http()
+        .post(format!("{}/admin/users", bff.base_url))
+        .bearer_auth(w.bearer(201))
+        .json(&json!({"user_id": "201", "email": "ann@example.com"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let ops_token = w.idp.mint_with_claims(json!({
+        "user_id": "900", "groups": ["bff-admin"],
+        "exp": time::OffsetDateTime::now_utc().unix_timestamp() + 300,
+    }));
+    let res = http()
+        .get(format!("{}/admin/jobs?state=pending", bff.base_url))
+        .bearer_auth(ops_token)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::OK, "the admin group may operate");
+
+    let (status, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "201", "email": "ann@example.com", "name": "Ann"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job_id = body["job_id"].as_str().expect("job id").to_owned();
+    // Idempotent: one pending job per user.
+    let (_, again) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "201", "email": "ann@example.com"})),
+    )
+    .await;
+    assert_eq!(again["job_id"], job_id.as_str());
+    assert_eq!(again["created"], false);
+
+    let workers = Workers::start(&bff, 1);
+    let ready = wait_state(&bff, "201", "ready").await;
+    workers.stop().await;
+    assert!(ready["librechat_user_id"].is_string(), "{ready}");
+    assert!(!ready.to_string().contains("password"), "{ready}");
+    assert_eq!(w.lc.register_calls(), 1);
+
+    let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(201)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn a_worker_killed_after_registering_is_reclaimed_and_finishes_once() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&settings(&[(
+            "BFF__PROVISIONING__VISIBILITY_TIMEOUT_SECS",
+            "1".to_string(),
+        )]))
+        .await;
+    add_identity_user(&w, 202, "bob@example.com", vec![]);
+    let queue = &bff.state.provisioner.queue;
+    queue
+        .enqueue(ProvisionRequest {
+            user_id: "202".into(),
+            email: "bob@example.com".into(),
+            name: None,
+            source: "test".into(),
+        })
+        .await
+        .expect("enqueue");
+
+    // The doomed worker takes the job, stores a password, registers... and dies before it can
+    // record success (it never acks).
+    let mut conn = queue.reader_connection().await.expect("conn");
+    let taken = queue
+        .read(&mut conn, "doomed-worker", 1, Duration::from_millis(500))
+        .await
+        .expect("read");
+    assert_eq!(taken.len(), 1);
+    let password = "Registered-by-the-doomed-worker-1";
+    let record = bff.state.vault.new_record(
+        "202",
+        "bob@example.com",
+        None,
+        &librechat_bff::credentials::vault::Password::new(password),
+        CredentialStatus::Provisioning,
+    );
+    bff.state.vault.put(&record).await.expect("vault");
+    w.lc.create_user("bob@example.com", password, "bob");
+
+    let workers = Workers::start(&bff, 1);
+    wait_state(&bff, "202", "ready").await;
+    workers.stop().await;
+    assert_eq!(w.lc.user_count(), 1, "exactly one LibreChat account");
+    let (status, _) = get_json(&bff, "/api/chat/convos", &w.bearer(202)).await;
+    assert_eq!(status, StatusCode::OK, "the vault's password logs in");
+}
+
+#[tokio::test]
+async fn librechat_down_is_retried_with_growing_delays_until_it_is_back() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    w.lc.go_down().await;
+    let (_, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "203", "email": "cy@example.com"})),
+    )
+    .await;
+    let job_id = body["job_id"].as_str().expect("job").to_owned();
+    let workers = Workers::start(&bff, 1);
+    let queue = bff.state.provisioner.queue.clone();
+    let first = eventually(10, "a first failed attempt", || async {
+        let j = queue.job(&job_id).await.ok().flatten()?;
+        (j.attempts >= 1 && j.state == JobState::Delayed).then_some(j)
+    })
+    .await;
+    let second = eventually(10, "a second failed attempt", || async {
+        let j = queue.job(&job_id).await.ok().flatten()?;
+        (j.attempts >= 2 && j.state == JobState::Delayed).then_some(j)
+    })
+    .await;
+    let gap = |j: &provisioning::Job| j.next_run_at.unwrap_or(0) - j.updated_at;
+    assert!(gap(&second) >= gap(&first), "delays do not shrink");
+    assert!(first
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("register"));
+
+    w.lc.come_back().await;
+    wait_state(&bff, "203", "ready").await;
+    workers.stop().await;
+}
+
+#[tokio::test]
+async fn the_register_limiter_delays_the_job_without_spending_attempts() {
+    let w = World::new(FakeLibreChatOptions {
+        register_max: 1,
+        register_window: Duration::from_secs(2),
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let bff = w.bff(&settings(&[])).await;
+    let workers = Workers::start(&bff, 1);
+    for (id, email) in [("204", "dee@example.com"), ("205", "eve@example.com")] {
+        admin(
+            &bff,
+            reqwest::Method::POST,
+            "/admin/users",
+            Some(json!({"user_id": id, "email": email})),
+        )
+        .await;
+    }
+    let queue = bff.state.provisioner.queue.clone();
+    // One of the two hits the limiter (429, Retry-After 2) and waits.
+    let delayed = eventually(10, "a rate-limited job", || async {
+        let list = queue.list(JobState::Delayed, 10).await.ok()?;
+        list.into_iter().next()
+    })
+    .await;
+    assert_eq!(delayed.attempts, 0, "a rate-limit wait spends no attempt");
+    assert!(delayed
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("rate limit"));
+    let wait = delayed.next_run_at.unwrap_or(0) - delayed.updated_at;
+    assert!(
+        (1..=3).contains(&wait),
+        "waits the advertised delay, not the backoff: {wait}"
+    );
+    wait_state(&bff, "204", "ready").await;
+    wait_state(&bff, "205", "ready").await;
+    workers.stop().await;
+    let done = queue.job(&delayed.id).await.expect("job").expect("kept");
+    assert_eq!(done.attempts, 0);
+}
+
+#[tokio::test]
+async fn an_existing_account_with_an_unknown_password_is_recovered_through_reset() {
+    let w = World::new(FakeLibreChatOptions {
+        allow_password_reset: true,
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let bff = w.bff(&settings(&[])).await;
+    add_identity_user(&w, 206, "fay@example.com", vec![]);
+    w.lc.create_user("fay@example.com", "somebody-elses-password", "Fay");
+    admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "206", "email": "fay@example.com"})),
+    )
+    .await;
+    let workers = Workers::start(&bff, 1);
+    wait_state(&bff, "206", "ready").await;
+    workers.stop().await;
+    assert_eq!(w.lc.user_count(), 1);
+    let (status, _) = get_json(&bff, "/api/chat/convos", &w.bearer(206)).await;
+    assert_eq!(status, StatusCode::OK, "the reset password is the vault's");
+}
+
+#[tokio::test]
+async fn without_password_reset_an_existing_account_is_a_conflict_with_advice() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    w.lc.create_user("gus@example.com", "somebody-elses-password", "Gus");
+    let (_, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "207", "email": "gus@example.com"})),
+    )
+    .await;
+    let job_id = body["job_id"].as_str().expect("job").to_owned();
+    let workers = Workers::start(&bff, 1);
+    let status = wait_state(&bff, "207", "conflict").await;
+    workers.stop().await;
+    let msg = status["last_error"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("ALLOW_PASSWORD_RESET"),
+        "tells ops what to do: {msg}"
+    );
+    let record = bff
+        .state
+        .vault
+        .get("207")
+        .await
+        .expect("vault")
+        .expect("record");
+    assert_eq!(record.status, CredentialStatus::Conflict);
+    let job = bff
+        .state
+        .provisioner
+        .queue
+        .job(&job_id)
+        .await
+        .expect("job")
+        .expect("job");
+    assert_eq!(job.state, JobState::Dead);
+}
+
+#[tokio::test]
+async fn a_validation_failure_is_dead_lettered_and_can_be_retried() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    let (status, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "208", "email": "bad@@example.com"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job_id = body["job_id"].as_str().expect("job").to_owned();
+    let workers = Workers::start(&bff, 1);
+    let dead = eventually(10, "the dead-lettered job", || async {
+        let (_, list) = admin(&bff, reqwest::Method::GET, "/admin/jobs?state=dead", None).await;
+        list["jobs"]
+            .as_array()?
+            .iter()
+            .find(|j| j["id"] == job_id.as_str())
+            .cloned()
+    })
+    .await;
+    assert!(
+        dead["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("rejected"),
+        "{dead}"
+    );
+    assert_eq!(w.lc.register_calls(), 1);
+
+    let (status, _) = admin(
+        &bff,
+        reqwest::Method::POST,
+        &format!("/admin/jobs/{job_id}/retry"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    eventually(10, "the retried job to run", || async {
+        (w.lc.register_calls() == 2).then_some(())
+    })
+    .await;
+    workers.stop().await;
+    let (status, _) = admin(&bff, reqwest::Method::POST, "/admin/jobs/nope/retry", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn three_workers_provision_five_hundred_users_exactly_once() {
+    let w = World::new(FakeLibreChatOptions {
+        register_max: 100_000,
+        login_max: 100_000,
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let bff = w.bff(&settings(&[])).await;
+    let queue = bff.state.provisioner.queue.clone();
+    for i in 0..500 {
+        queue
+            .enqueue(ProvisionRequest {
+                user_id: format!("bulk{i}"),
+                email: format!("bulk{i}@example.com"),
+                name: None,
+                source: "test".into(),
+            })
+            .await
+            .expect("enqueue");
+    }
+    let workers = Workers::start(&bff, 3);
+    eventually(120, "500 accounts", || async {
+        (w.lc.user_count() == 500 && queue.sizes().await.ok()?.0 == 0).then_some(())
+    })
+    .await;
+    eventually(30, "every credential ready", || async {
+        for i in (0..500).step_by(50) {
+            let r = bff.state.vault.get(&format!("bulk{i}")).await.ok()??;
+            if r.status != CredentialStatus::Ready {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    workers.stop().await;
+    assert_eq!(w.lc.register_calls(), 500, "no user registered twice");
+    let (_, _, dead) = queue.sizes().await.expect("sizes");
+    assert_eq!(dead, 0);
+}
+
+async fn hook(bff: &TestBff, body: &Value, timestamp: i64, secret: &str) -> StatusCode {
+    let raw = body.to_string();
+    http()
+        .post(format!("{}/hooks/users", bff.base_url))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("X-BFF-Timestamp", timestamp.to_string())
+        .header(
+            "X-BFF-Signature",
+            sign(secret.as_bytes(), timestamp, raw.as_bytes()),
+        )
+        .body(raw)
+        .send()
+        .await
+        .expect("send")
+        .status()
+}
+
+#[tokio::test]
+async fn the_webhook_is_signed_fresh_and_deactivation_revokes_sessions() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let created = json!({"event": "user.created", "user": {"id": 209, "email": "hal@example.com", "name": "Hal"}});
+    assert_eq!(
+        hook(&bff, &created, now, "wrong-secret-0123456789").await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        hook(&bff, &created, now - 3600, HOOK_SECRET).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let unsigned = http()
+        .post(format!("{}/hooks/users", bff.base_url))
+        .json(&created)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(unsigned.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        hook(&bff, &created, now, HOOK_SECRET).await,
+        StatusCode::ACCEPTED
+    );
+    assert!(bff
+        .state
+        .provisioner
+        .queue
+        .active_job_of("209")
+        .await
+        .expect("q")
+        .is_some());
+
+    let email = w.user(&bff, 210).await;
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("user210", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+    let deactivated = json!({"event": "user.deactivated", "user": {"id": "210"}});
+    assert_eq!(
+        hook(&bff, &deactivated, now, HOOK_SECRET).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        browser.get("/auth/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(w.lc.logout_calls(), 1, "the LibreChat login is ended too");
+    assert_eq!(w.lc.session_count(&email), 0);
+}
+
+#[tokio::test]
+async fn csv_import_migrates_python_encrypted_passwords_without_registering() {
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fernet/python-fernet.json"
+        ))
+        .expect("fixture"),
+    )
+    .expect("json");
+    let python_key = fx["keys"][0].as_str().expect("key").to_owned();
+    let token = fx["tokens"][0]["token"].as_str().expect("token").to_owned();
+    let plaintext = fx["tokens"][0]["plaintext"]
+        .as_str()
+        .expect("plain")
+        .to_owned();
+
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let keys = format!("{},{python_key}", w.key);
+    let bff = w
+        .bff(&settings(&[("BFF__CRYPTO__FERNET_KEYS", keys)]))
+        .await;
+    add_identity_user(&w, 211, "ida@example.com", vec![]);
+    w.lc.create_user("ida@example.com", &plaintext, "Ida");
+
+    let csv = format!(
+        "user_id,email,name,librechat_password_encrypted\n\
+         211,ida@example.com,Ida,{token}\n\
+         212,jan@example.com,Jan,\n\
+         213,not-an-email,X,\n\
+         214,kim@example.com,Kim,gAAAAAnot-a-token\n"
+    );
+    let report = librechat_bff::admin::ops::import_csv(&bff.state, csv.as_bytes())
+        .await
+        .expect("import");
+    assert_eq!((report.migrated, report.enqueued), (1, 1));
+    assert_eq!(report.rejected.len(), 2, "{:?}", report.rejected);
+    assert!(report.rejected[0].contains("line 4"));
+    let record = bff
+        .state
+        .vault
+        .get("211")
+        .await
+        .expect("vault")
+        .expect("record");
+    assert_eq!(record.status, CredentialStatus::Ready);
+
+    let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(211)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(w.lc.register_calls(), 0, "LibreChat's register untouched");
+}
+
+#[tokio::test]
+async fn a_user_without_an_account_is_provisioned_just_in_time() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    add_identity_user(&w, 215, "lee@example.com", vec![]);
+    let bearer = w.bearer(215);
+    let res = http()
+        .get(format!("{}/api/chat/convos", bff.base_url))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()[header::RETRY_AFTER], "5");
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"], "provisioning_pending");
+    assert!(bff
+        .state
+        .provisioner
+        .queue
+        .active_job_of("215")
+        .await
+        .expect("q")
+        .is_some());
+
+    // A cookie sign-in does not wait for provisioning, but queues it.
+    add_identity_user(&w, 216, "max@example.com", vec![]);
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("user216", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let queue = bff.state.provisioner.queue.clone();
+    eventually(10, "the sign-in's job", || async {
+        queue.active_job_of("216").await.ok().flatten()
+    })
+    .await;
+
+    let workers = Workers::start(&bff, 1);
+    wait_state(&bff, "215", "ready").await;
+    wait_state(&bff, "216", "ready").await;
+    workers.stop().await;
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+}
