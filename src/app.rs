@@ -4,6 +4,7 @@ use std::{ops::Deref, sync::Arc, time::Duration};
 
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
+    middleware,
     routing::{any, delete, get, post},
     Router,
 };
@@ -25,6 +26,7 @@ use crate::{
     proxy::{self, Upstream},
     redis_conn::RedisHandle,
     session::{self, csrf::CsrfPolicy, BffSessionStore, RedisSessionStore, SessionRegistry},
+    telemetry::{self, metrics::Metrics},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +52,7 @@ pub struct AppInner {
     pub tokens: TokenManager,
     pub upstream: Upstream,
     pub provisioner: Provisioner,
+    pub metrics: Arc<Metrics>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub browser_user_agent: HeaderValue,
 }
@@ -71,6 +74,7 @@ impl AppState {
 
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
         let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
+        let metrics = Arc::new(Metrics::new());
         let http = IdentityClient::http_client(&config.identity);
         let verifier =
             IdentityVerifier::new(&config.identity.jwt, &config.identity.claims, http.clone())?;
@@ -91,6 +95,7 @@ impl AppState {
             keyring.clone(),
             clock.clone(),
             Duration::from_secs(config.librechat.token_refresh_skew_secs),
+            metrics.clone(),
         );
         let upstream = Upstream::new(&config.librechat)?;
         let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
@@ -104,6 +109,7 @@ impl AppState {
             vault.clone(),
             LibreChatClient::new(&config.librechat),
             browser_user_agent.clone(),
+            metrics.clone(),
         );
         let csrf = CsrfPolicy::new(&config.csrf);
         let trusted_proxies = config.trusted_proxies()?;
@@ -120,6 +126,7 @@ impl AppState {
             tokens,
             upstream,
             provisioner,
+            metrics,
             trusted_proxies,
             browser_user_agent,
         })))
@@ -127,7 +134,7 @@ impl AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut app = Router::new()
         // Liveness and readiness.
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
@@ -146,13 +153,29 @@ pub fn router(state: AppState) -> Router {
         // The product: LibreChat's /api/* as the signed-in user (src/proxy/mod.rs).
         .route("/api/chat/{*path}", any(proxy::forward))
         // Anything else: JSON 404.
-        .fallback(error::not_found)
+        .fallback(error::not_found);
+    if state.config.telemetry.metrics_on_main_listener {
+        app = app.route("/metrics", get(health::metrics));
+    }
+    app
         // Cookie sessions (loaded lazily: only routes that read the session touch the store).
         .layer(session_layer(&state))
         .layer(cors_layer(&state.csrf))
+        // Request id, log span and request metrics for everything above.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            telemetry::middleware::observe,
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             error::ApiError::Internal.into_response_boxed()
         }))
+        .with_state(state)
+}
+
+/// The metrics-only router for `telemetry.metrics_addr`.
+pub fn metrics_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
         .with_state(state)
 }
 

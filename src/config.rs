@@ -71,6 +71,23 @@ pub struct Config {
     pub provisioning: ProvisioningConfig,
     pub admin: AdminConfig,
     pub hooks: HooksConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub metrics_on_main_listener: bool,
+    pub metrics_addr: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -441,6 +458,20 @@ impl Config {
             return Err(invalid(
                 "provisioning.forwarded_for",
                 "must be an IP address",
+            ));
+        }
+        if !self.telemetry.metrics_addr.is_empty()
+            && self.telemetry.metrics_addr.parse::<SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "telemetry.metrics_addr",
+                "not an address like 0.0.0.0:9090",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_level).is_err() {
+            return Err(invalid(
+                "telemetry.log_level",
+                "not a log filter like \"info\" or \"librechat_bff=debug,info\"",
             ));
         }
         if !self.admin.token.is_empty() && self.admin.token.expose().len() < 16 {

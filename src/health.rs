@@ -9,6 +9,24 @@ pub async fn healthz() -> Json<Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// `GET /metrics`: Prometheus text; queue gauges are sampled now.
+pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Ok((depth, delayed, dead)) = state.provisioner.queue.sizes().await {
+        state.metrics.queue_depth.set(depth as i64);
+        state.metrics.queue_delayed.set(delayed as i64);
+        state.metrics.dead_letter_size.set(dead as i64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
 pub async fn readyz(State(state): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     match state.sessions.store() {

@@ -142,17 +142,14 @@ fn main() -> ExitCode {
         } => run_async(rotate_credentials(config)),
         Command::Users { config, command } => run_async(users(config, command)),
         Command::Jobs { config, command } => run_async(jobs(config, command)),
-        Command::Worker { config } => {
-            telemetry::init();
-            run_async(async move {
-                let config = Config::load(config.as_deref())?;
-                let state = AppState::new(config)?;
-                serve::run_worker(state).await;
-                Ok(ExitCode::SUCCESS)
-            })
-        }
+        Command::Worker { config } => run_async(async move {
+            let config = Config::load(config.as_deref())?;
+            telemetry::init(&config.telemetry);
+            let state = AppState::new(config)?;
+            serve::run_worker(state).await;
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Serve { config } => {
-            telemetry::init();
             let runtime = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -314,7 +311,14 @@ async fn rotate_credentials(
 }
 
 async fn run_serve(config_file: Option<PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(config_file.as_deref())?;
+    let config = match Config::load(config_file.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            telemetry::init_default();
+            return Err(e.into());
+        }
+    };
+    telemetry::init(&config.telemetry);
     let addr = config.listen_addr()?;
     let state = AppState::new(config.clone())?;
     serve::announce(&config, config_file.as_deref(), &state);

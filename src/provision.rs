@@ -7,8 +7,8 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use axum::http::HeaderValue;
 use provisioning::{
-    workflow::BackendError, AccountBackend, JobQueue, LibreChatFailure, ProvisionRequest,
-    ProvisionWorkflow, QueueConfig, QueueError, StoredCredential, Worker,
+    workflow::BackendError, AccountBackend, Job, JobHandler, JobQueue, LibreChatFailure, Outcome,
+    ProvisionRequest, ProvisionWorkflow, QueueConfig, QueueError, StoredCredential, Worker,
 };
 use tokio::sync::watch;
 
@@ -18,6 +18,7 @@ use crate::{
     credentials::vault::{CredentialStatus, CredentialVault, Password, VaultError},
     librechat::{LibreChatClient, LibreChatError},
     session::UserInfo,
+    telemetry::metrics::{Metrics, OutcomeLabels},
 };
 
 /// The vault and LibreChat, as the workflow sees them.
@@ -171,6 +172,7 @@ pub struct Provisioner {
     client: LibreChatClient,
     caller: ClientInfo,
     concurrency: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Provisioner {
@@ -186,6 +188,7 @@ impl Provisioner {
         vault: CredentialVault,
         client: LibreChatClient,
         browser_user_agent: HeaderValue,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let p = &config.provisioning;
         let queue = JobQueue::new(
@@ -214,6 +217,7 @@ impl Provisioner {
                 host: None,
             },
             concurrency: p.concurrency,
+            metrics,
         }
     }
 
@@ -231,7 +235,10 @@ impl Provisioner {
         };
         Worker::new(
             self.queue.clone(),
-            Arc::new(ProvisionWorkflow::new(backend)),
+            Arc::new(CountedWorkflow {
+                workflow: ProvisionWorkflow::new(backend),
+                metrics: self.metrics.clone(),
+            }),
             self.concurrency,
         )
     }
@@ -272,6 +279,29 @@ impl Provisioner {
             tracing::info!(user = %user.id, %job, source, "provisioning job enqueued");
         }
         Ok(())
+    }
+}
+
+/// The workflow, counting outcomes for `bff_provisioning_jobs_total`.
+struct CountedWorkflow {
+    workflow: ProvisionWorkflow<VaultAccounts>,
+    metrics: Arc<Metrics>,
+}
+
+#[async_trait]
+impl JobHandler for CountedWorkflow {
+    async fn handle(&self, job: &Job) -> Outcome {
+        let outcome = self.workflow.run(&job.request).await;
+        let label = match &outcome {
+            Outcome::Done => "done",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Dead { .. } => "dead",
+        };
+        self.metrics
+            .jobs
+            .get_or_create(&OutcomeLabels { outcome: label })
+            .inc();
+        outcome
     }
 }
 

@@ -61,6 +61,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
         .provisioning
         .workers_in_serve
         .then(|| state.provisioner.spawn_worker(stop_rx.clone()));
+    let metrics_state = state.clone();
     let app = router(state);
     let mut server_stop = stop_rx.clone();
     let server = axum::serve(
@@ -70,12 +71,28 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
     .with_graceful_shutdown(async move {
         let _ = server_stop.wait_for(|stop| *stop).await;
     });
+    let metrics_server = match state_metrics_listener(&metrics_state).await? {
+        Some((listener, app)) => {
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+            }))
+        }
+        None => None,
+    };
     let signal = tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let result = server.await;
     signal.abort();
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
     if let Some(worker) = worker {
         // The worker finishes the jobs it holds; anything left is reclaimed by another worker.
         if tokio::time::timeout(Duration::from_secs(30), worker)
@@ -88,6 +105,25 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
     result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The separate metrics listener, when `telemetry.metrics_addr` is set.
+async fn state_metrics_listener(
+    state: &AppState,
+) -> Result<Option<(TcpListener, axum::Router)>, ServeError> {
+    let addr = &state.config.telemetry.metrics_addr;
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let addr: SocketAddr = addr.parse().map_err(|_| {
+        StartupError::Config(crate::config::ConfigError::Invalid {
+            key: "telemetry.metrics_addr".into(),
+            reason: "not an address".into(),
+        })
+    })?;
+    let listener = bind(addr).await?;
+    tracing::info!(%addr, "metrics listening");
+    Ok(Some((listener, crate::app::metrics_router(state.clone()))))
 }
 
 /// `librechat-bff worker`: provisioning workers only, until SIGINT/SIGTERM.

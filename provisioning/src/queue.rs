@@ -20,11 +20,14 @@ use std::sync::Arc;
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply},
-    AsyncCommands, Script,
+    AsyncCommands, AsyncConnectionConfig, Script,
 };
 use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "workers";
+
+/// How long a blocking read may overrun its `block` before the reader connection is deemed dead.
+const READ_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -343,16 +346,28 @@ impl JobQueue {
             .group(GROUP, consumer)
             .count(count)
             .block(block.as_millis() as usize);
-        let reply: Option<StreamReadReply> =
-            match conn.xread_options(&[self.stream()], &[">"], &opts).await {
-                Ok(r) => r,
-                Err(e) if e.to_string().contains("NOGROUP") => {
-                    // The stream vanished (Redis restarted without persistence): recreate.
-                    self.ensure_group().await?;
-                    return Ok(Vec::new());
-                }
-                Err(e) => return Err(e.into()),
-            };
+        // The reader connection has no response timeout of its own (it would cut blocking
+        // reads short and strand what Redis delivered meanwhile), so bound the wait here.
+        let reply = tokio::time::timeout(
+            block + READ_GRACE,
+            conn.xread_options::<_, _, Option<StreamReadReply>>(&[self.stream()], &[">"], &opts),
+        )
+        .await
+        .map_err(|_| {
+            redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no answer to a blocking stream read",
+            ))
+        })?;
+        let reply: Option<StreamReadReply> = match reply {
+            Ok(r) => r,
+            Err(e) if e.to_string().contains("NOGROUP") => {
+                // The stream vanished (Redis restarted without persistence): recreate.
+                self.ensure_group().await?;
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut out = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
@@ -363,9 +378,16 @@ impl JobQueue {
         Ok(out)
     }
 
-    /// A dedicated connection for [`JobQueue::read`].
+    /// A dedicated connection for [`JobQueue::read`]. It has no response timeout: the client's
+    /// default (500 ms) would fail any read blocking longer than that; `read` bounds its own wait.
     pub async fn reader_connection(&self) -> Result<MultiplexedConnection, QueueError> {
-        Ok(self.client.get_multiplexed_async_connection().await?)
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     /// Takes over deliveries idle longer than the visibility timeout (their worker died).

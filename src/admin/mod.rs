@@ -134,6 +134,11 @@ pub async fn revoke_sessions(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let revoked = state.sessions.revoke_all(&id).await?;
+    state
+        .metrics
+        .sessions
+        .get_or_create(&crate::telemetry::metrics::EventLabels { event: "revoked" })
+        .inc_by(revoked as u64);
     tracing::info!(user = %id, revoked, "sessions revoked by an operator");
     Ok(Json(json!({ "revoked": revoked })))
 }

@@ -26,6 +26,7 @@ use crate::{
     },
     lock::{LocalLocks, LockError, RedisLock},
     redis_conn::RedisHandle,
+    telemetry::metrics::Metrics,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,7 @@ pub struct TokenManager {
     skew: i64,
     cache: RwLock<HashMap<String, UpstreamToken>>,
     locks: LocalLocks,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for TokenManager {
@@ -147,6 +149,7 @@ impl TokenManager {
         keyring: Arc<KeyRing>,
         clock: Arc<dyn Clock>,
         skew: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             client,
@@ -157,6 +160,7 @@ impl TokenManager {
             skew: skew.as_secs() as i64,
             cache: RwLock::new(HashMap::new()),
             locks: LocalLocks::default(),
+            metrics,
         }
     }
 
@@ -293,7 +297,10 @@ impl TokenManager {
         let generation = stored.as_ref().map_or(0, |s| s.generation) + 1;
         if let Some(s) = &stored {
             if s.refresh_exp > now {
-                match self.client.refresh(&s.refresh, client).await {
+                let refreshed = self.client.refresh(&s.refresh, client).await;
+                self.metrics
+                    .librechat("refresh", outcome_label(refreshed.as_ref().err()));
+                match refreshed {
                     Ok(login) => return self.save(user_id, &login, generation).await,
                     Err(LibreChatError::SessionExpired) => {
                         tracing::info!(user = %user_id, "LibreChat session gone; logging in again");
@@ -307,7 +314,8 @@ impl TokenManager {
                 }
             }
         }
-        let login = self.login(user_id, client).await?;
+        let operation = if stored.is_some() { "relogin" } else { "login" };
+        let login = self.login(user_id, client, operation).await?;
         self.save(user_id, &login, generation).await
     }
 
@@ -316,6 +324,7 @@ impl TokenManager {
         &self,
         user_id: &str,
         client: &ClientInfo,
+        operation: &'static str,
     ) -> Result<LibreChatLogin, TokenError> {
         let Some(record) = self.vault.get(user_id).await? else {
             return Err(TokenError::ProvisioningPending);
@@ -328,11 +337,13 @@ impl TokenManager {
             }
         }
         let password = self.vault.password(&record)?;
-        match self
+        let result = self
             .client
             .login(&record.email, password.expose(), client)
-            .await
-        {
+            .await;
+        self.metrics
+            .librechat(operation, outcome_label(result.as_ref().err()));
+        match result {
             Ok(login) => Ok(login),
             Err(LibreChatError::BadCredentials) => {
                 tracing::warn!(user = %user_id, "LibreChat refused the stored password; marking the credential drifted");
@@ -405,6 +416,18 @@ impl TokenManager {
             .query_async::<()>(&mut conn)
             .await?;
         upstream(&login.token, login.token_exp, generation)
+    }
+}
+
+fn outcome_label(e: Option<&LibreChatError>) -> &'static str {
+    match e {
+        None => "ok",
+        Some(LibreChatError::SessionExpired) => "session_expired",
+        Some(LibreChatError::BadCredentials) => "bad_credentials",
+        Some(LibreChatError::RateLimited { .. }) => "rate_limited",
+        Some(LibreChatError::Banned) => "banned",
+        Some(LibreChatError::Unavailable(_)) => "unavailable",
+        Some(_) => "error",
     }
 }
 

@@ -79,6 +79,7 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
             uri.clone(),
             upstream_headers.clone(),
             first,
+            &state.metrics,
         )
         .await?;
     if res.status() == StatusCode::UNAUTHORIZED {
@@ -90,7 +91,7 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
         upstream_headers.insert(header::AUTHORIZATION, renewed.authorization.clone());
         res = state
             .upstream
-            .send(parts.method, uri, upstream_headers, replay)
+            .send(parts.method, uri, upstream_headers, replay, &state.metrics)
             .await?;
         if res.status() == StatusCode::UNAUTHORIZED {
             state.tokens.invalidate(&user.id, renewed.generation);
@@ -99,7 +100,9 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     }
 
     // 5. Filter the response and stream it back.
-    Ok(state.upstream.into_client_response(res, &request_id))
+    Ok(state
+        .upstream
+        .into_client_response(res, &request_id, &state.metrics))
 }
 
 /// The request body as it will be sent, and whether it can be sent twice.

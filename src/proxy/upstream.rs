@@ -13,7 +13,10 @@ use hyper_util::{
     rt::TokioExecutor,
 };
 
+use std::sync::Arc;
+
 use super::{body::IdleTimeoutBody, headers};
+use crate::telemetry::metrics::{GroupLabels, KindLabels, Metrics, StreamMetricsBody};
 use crate::{
     config::{ConfigError, LibreChatConfig},
     error::ApiError,
@@ -94,6 +97,37 @@ impl Upstream {
         uri: Uri,
         headers: HeaderMap,
         body: Body,
+        metrics: &Metrics,
+    ) -> Result<Response<Incoming>, ApiError> {
+        let started = std::time::Instant::now();
+        let result = self.send_inner(method, uri, headers, body).await;
+        metrics
+            .upstream_duration
+            .get_or_create(&GroupLabels {
+                route_group: "chat",
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let kind = match &result {
+            Err(ApiError::LibreChatTimeout) => Some("timeout"),
+            Err(_) => Some("unreachable"),
+            Ok(res) if res.status().is_server_error() => Some("server_error"),
+            Ok(_) => None,
+        };
+        if let Some(kind) = kind {
+            metrics
+                .upstream_errors
+                .get_or_create(&KindLabels { kind })
+                .inc();
+        }
+        result
+    }
+
+    async fn send_inner(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        body: Body,
     ) -> Result<Response<Incoming>, ApiError> {
         let mut req = Request::new(body);
         *req.method_mut() = method;
@@ -109,17 +143,26 @@ impl Upstream {
         }
     }
 
-    /// LibreChat's response for the client: filtered headers, streamed body with idle timeout.
+    /// LibreChat's response for the client: filtered headers, streamed body with idle timeout;
+    /// event streams are counted while open.
     pub fn into_client_response(
         &self,
         res: Response<Incoming>,
         request_id: &HeaderValue,
+        metrics: &Arc<Metrics>,
     ) -> axum::response::Response {
         let (mut parts, body) = res.into_parts();
         headers::filter_response(&mut parts.headers, request_id);
-        axum::response::Response::from_parts(
-            parts,
-            Body::new(IdleTimeoutBody::new(body, self.idle_timeout)),
-        )
+        let is_stream = parts
+            .headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|ct| ct.as_bytes().starts_with(b"text/event-stream"));
+        let body = IdleTimeoutBody::new(body, self.idle_timeout);
+        let body = if is_stream {
+            Body::new(StreamMetricsBody::new(body, metrics.clone()))
+        } else {
+            Body::new(body)
+        };
+        axum::response::Response::from_parts(parts, body)
     }
 }

@@ -120,6 +120,7 @@ pub async fn write_session(session: &Session, data: &SessionData) -> Result<(), 
 
 /// Destroys a cookie session everywhere; failures are logged, the caller answers 401 anyway.
 pub async fn end_session(state: &AppState, session: &Session, user_id: &str, sid: &str) {
+    state.metrics.session("ended");
     if let Err(e) = state.sessions.forget(user_id, sid).await {
         tracing::warn!(error = %e, "could not delete ended session");
     }
@@ -169,7 +170,16 @@ async fn refresh_locked(
         end_session(state, session, &data.user.id, sid).await;
         return Err(ApiError::SessionEnded);
     };
-    let issued = match state.identity.refresh(refresh).await {
+    let refreshed = state.identity.refresh(refresh).await;
+    state.metrics.identity(
+        "refresh",
+        match &refreshed {
+            Ok(_) => "ok",
+            Err(IdentityClientError::Rejected) => "rejected",
+            Err(_) => "error",
+        },
+    );
+    let issued = match refreshed {
         Ok(tokens) => tokens,
         Err(IdentityClientError::Rejected) => {
             tracing::info!(user = %data.user.id, "identity refresh refused; ending session");

@@ -49,7 +49,20 @@ pub async fn login(
     if body.password.is_empty() {
         return Err(ApiError::BadRequest("Send a non-empty `password`.".into()));
     }
-    let tokens = state.identity.obtain(&identifier, &body.password).await?;
+    let tokens = match state.identity.obtain(&identifier, &body.password).await {
+        Ok(t) => {
+            state.metrics.identity("login", "ok");
+            t
+        }
+        Err(e) => {
+            let outcome = match e {
+                crate::identity::client::IdentityClientError::Rejected => "rejected",
+                _ => "error",
+            };
+            state.metrics.identity("login", outcome);
+            return Err(e.into());
+        }
+    };
     let identity = state
         .verifier
         .verify(&tokens.access)
@@ -144,6 +157,7 @@ async fn open_session(
         .register(&data.user.id, &sid, &stored, until)
         .await?;
     tracing::info!(user = %data.user.id, "session opened");
+    state.metrics.session("created");
     // Just-in-time provisioning, off the sign-in path: sign-in never waits for it.
     let provisioner = state.provisioner.clone();
     let user = data.user.clone();

@@ -1,16 +1,36 @@
-//! Logging set-up. `RUST_LOG` filters (default `info`); `BFF_LOG_FORMAT=json` switches to JSON lines.
+//! Logs, request context and metrics.
+
+pub mod metrics;
+pub mod middleware;
 
 use tracing_subscriber::{fmt, EnvFilter};
 
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("BFF_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+use crate::config::{LogFormat, TelemetryConfig};
+
+/// Installs the global subscriber. `RUST_LOG` overrides `telemetry.log_level`.
+pub fn init(cfg: &TelemetryConfig) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_target(false);
-    let result = if json {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+    let result = match cfg.log_format {
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
     };
-    // Already initialised (tests) is fine.
+    // Already initialised (tests, or a second call) is fine.
     let _ = result;
+}
+
+/// Logging before the configuration is known (its own errors).
+pub fn init_default() {
+    let _ = fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .try_init();
 }

@@ -1,0 +1,1003 @@
+//! The Redis-Streams job queue and its workers, against a real `redis-server` (one per test).
+//!
+//! Every test waits for what it expects by polling with a deadline, never by sleeping a fixed
+//! time and hoping.
+
+#[allow(dead_code)]
+#[path = "../../tests/support/redis.rs"]
+mod redis_harness;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use provisioning::{
+    queue::GROUP, Job, JobHandler, JobQueue, JobState, Outcome, ProvisionRequest, QueueConfig,
+    QueueError, Worker,
+};
+use redis::{
+    aio::MultiplexedConnection,
+    streams::{StreamPendingCountReply, StreamPendingReply},
+    AsyncCommands,
+};
+use redis_harness::RedisServer;
+use tokio::{
+    sync::{watch, Notify},
+    task::JoinHandle,
+    time::{timeout, Instant},
+};
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn request(user: &str) -> ProvisionRequest {
+    ProvisionRequest {
+        user_id: user.to_owned(),
+        email: format!("{user}@example.com"),
+        name: Some(format!("User {user}")),
+        source: "test".to_owned(),
+    }
+}
+
+/// The default configuration on this server's private key prefix.
+fn config(server: &RedisServer) -> QueueConfig {
+    QueueConfig {
+        prefix: server.key_prefix(),
+        ..QueueConfig::default()
+    }
+}
+
+fn queue(server: &RedisServer, cfg: QueueConfig) -> JobQueue {
+    let client = redis::Client::open(server.url()).expect("valid redis url");
+    JobQueue::new(client, cfg)
+}
+
+/// A key of the queue's layout (`{<prefix>:prov}:<rest>`), for looking at Redis directly.
+fn key(server: &RedisServer, rest: &str) -> String {
+    format!("{{{}:prov}}:{rest}", server.key_prefix())
+}
+
+async fn raw(server: &RedisServer) -> MultiplexedConnection {
+    redis::Client::open(server.url())
+        .expect("valid redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis")
+}
+
+/// Entries delivered but not acknowledged, with their owners.
+async fn pending(server: &RedisServer) -> Vec<(String, String)> {
+    let mut conn = raw(server).await;
+    let reply: StreamPendingCountReply = conn
+        .xpending_count(key(server, "jobs"), GROUP, "-", "+", 1000)
+        .await
+        .expect("XPENDING");
+    reply.ids.into_iter().map(|p| (p.id, p.consumer)).collect()
+}
+
+/// Polls `check` until it yields `Some`, failing the test after `within`.
+async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until the job reaches `state` and returns it.
+async fn wait_for_state(q: &JobQueue, id: &str, state: JobState, within: Duration) -> Job {
+    eventually(within, &format!("job {id} to be {state:?}"), || async {
+        q.job(id)
+            .await
+            .expect("read job")
+            .filter(|j| j.state == state)
+    })
+    .await
+}
+
+/// A handler from a closure.
+struct FnHandler<F>(F);
+
+#[async_trait]
+impl<F> JobHandler for FnHandler<F>
+where
+    F: Fn(&Job) -> Outcome + Send + Sync + 'static,
+{
+    async fn handle(&self, job: &Job) -> Outcome {
+        (self.0)(job)
+    }
+}
+
+/// Running workers, stopped through a watch channel.
+struct Workers {
+    stop: watch::Sender<bool>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(q: &JobQueue, handler: Arc<dyn JobHandler>, count: usize, concurrency: usize) -> Self {
+        let (stop, rx) = watch::channel(false);
+        let handles = (0..count)
+            .map(|_| {
+                let worker = Worker::new(q.clone(), handler.clone(), concurrency);
+                tokio::spawn(worker.run(rx.clone()))
+            })
+            .collect();
+        Self { stop, handles }
+    }
+
+    /// Asks the workers to stop and waits until they have.
+    async fn stop(self) {
+        self.stop.send(true).expect("workers still listening");
+        for handle in self.handles {
+            timeout(Duration::from_secs(10), handle)
+                .await
+                .expect("a worker stops within 10 s of being told to")
+                .expect("a worker does not panic");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Idempotency
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn enqueue_is_idempotent_per_user_while_the_job_is_active() {
+    let server = RedisServer::start().await;
+    let q = queue(&server, config(&server));
+
+    let (first, created) = q.enqueue(request("alice")).await.expect("enqueue");
+    assert!(created, "the first enqueue creates a job");
+    let (again, created) = q.enqueue(request("alice")).await.expect("enqueue");
+    assert_eq!(again, first, "a pending job is reused");
+    assert!(!created);
+    let (bob, created) = q.enqueue(request("bob")).await.expect("enqueue");
+    assert!(created, "another user gets a job of their own");
+    assert_ne!(bob, first);
+    assert_eq!(
+        q.active_job_of("alice").await.expect("active job"),
+        Some(first.clone())
+    );
+    assert_eq!(q.sizes().await.expect("sizes").0, 2, "one entry per job");
+
+    // Still the same job while it runs...
+    let mut reader = q.reader_connection().await.expect("reader");
+    let deliveries = q
+        .read(&mut reader, "c1", 10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    assert_eq!(deliveries.len(), 2);
+    let alice = deliveries
+        .iter()
+        .find(|d| d.job.id == first)
+        .expect("alice's job delivered")
+        .clone();
+    let bobs = deliveries
+        .iter()
+        .find(|d| d.job.id == bob)
+        .expect("bob's job delivered")
+        .clone();
+    assert_eq!(alice.job.state, JobState::Running);
+    assert_eq!(
+        q.enqueue(request("alice")).await.expect("enqueue"),
+        (first.clone(), false),
+        "a running job is reused"
+    );
+
+    // ...and while it waits for a retry.
+    let state = q
+        .retry(&bobs, "later".into(), Some(Duration::from_secs(60)), false)
+        .await
+        .expect("retry");
+    assert_eq!(state, JobState::Delayed);
+    assert_eq!(
+        q.enqueue(request("bob")).await.expect("enqueue"),
+        (bob.clone(), false),
+        "a delayed job is reused"
+    );
+
+    // Once finished, the user can be provisioned again with a new job.
+    q.complete(&alice).await.expect("complete");
+    assert_eq!(
+        q.job(&first).await.expect("job").map(|j| j.state),
+        Some(JobState::Done)
+    );
+    assert_eq!(q.active_job_of("alice").await.expect("active job"), None);
+    let (next, created) = q.enqueue(request("alice")).await.expect("enqueue");
+    assert!(created, "a finished job does not block a new one");
+    assert_ne!(next, first);
+    assert_eq!(
+        q.job(&next).await.expect("job").map(|j| j.state),
+        Some(JobState::Pending)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// At-least-once delivery
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_job_whose_worker_died_is_reclaimed_after_the_visibility_timeout() {
+    let server = RedisServer::start().await;
+    let visibility = Duration::from_millis(300);
+    let q = queue(
+        &server,
+        QueueConfig {
+            visibility_timeout: visibility,
+            ..config(&server)
+        },
+    );
+    let (id, _) = q.enqueue(request("carol")).await.expect("enqueue");
+
+    // A worker takes the job and dies without acknowledging it.
+    let mut dead_reader = q.reader_connection().await.expect("reader");
+    let taken_at = Instant::now();
+    let taken = q
+        .read(
+            &mut dead_reader,
+            "dead-worker",
+            1,
+            Duration::from_millis(100),
+        )
+        .await
+        .expect("read");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(taken[0].job.id, id);
+    drop(dead_reader);
+    assert_eq!(
+        pending(&server).await,
+        vec![(taken[0].entry_id.clone(), "dead-worker".to_owned())],
+        "the delivery is pending, owned by the dead worker"
+    );
+
+    // Nobody else gets it by reading: it was delivered already.
+    let mut reader = q.reader_connection().await.expect("reader");
+    let fresh = q
+        .read(&mut reader, "rescuer", 10, Duration::from_millis(50))
+        .await
+        .expect("read");
+    assert!(fresh.is_empty(), "a delivered job is not delivered twice");
+
+    // Another consumer takes it over once it has been silent for the visibility timeout, and
+    // not before.
+    let reclaimed = eventually(
+        Duration::from_secs(5),
+        "the job to be reclaimed",
+        || async {
+            let got = q.reclaim("rescuer", 10).await.expect("reclaim");
+            if !got.is_empty() {
+                assert!(
+                    taken_at.elapsed() >= visibility,
+                    "reclaimed after {:?}, before the visibility timeout",
+                    taken_at.elapsed()
+                );
+            }
+            Some(got).filter(|g| !g.is_empty())
+        },
+    )
+    .await;
+    assert_eq!(reclaimed.len(), 1);
+    let d = &reclaimed[0];
+    assert_eq!(d.job.id, id);
+    assert_eq!(d.entry_id, taken[0].entry_id);
+    assert_eq!(d.job.state, JobState::Running);
+    assert_eq!(
+        pending(&server).await,
+        vec![(d.entry_id.clone(), "rescuer".to_owned())],
+        "the rescuer owns it now"
+    );
+
+    q.complete(d).await.expect("complete");
+    assert!(
+        pending(&server).await.is_empty(),
+        "completion removes it from the pending list"
+    );
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
+    assert_eq!(
+        q.job(&id).await.expect("job").map(|j| j.state),
+        Some(JobState::Done)
+    );
+    assert!(
+        q.reclaim("someone", 10).await.expect("reclaim").is_empty(),
+        "a completed job is never reclaimed"
+    );
+}
+
+#[tokio::test]
+async fn a_blocking_read_waits_for_a_job_enqueued_later() {
+    let server = RedisServer::start().await;
+    let q = queue(&server, config(&server));
+    q.sizes().await.expect("connect (creates the group)");
+    let mut reader = q.reader_connection().await.expect("reader");
+
+    let producer = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            q.enqueue(request("late")).await.expect("enqueue")
+        })
+    };
+    // Longer than the Redis client's default response timeout (500 ms): a blocking read must
+    // not be cut short by it.
+    let got = q
+        .read(&mut reader, "c1", 1, Duration::from_secs(3))
+        .await
+        .expect("a blocking read waits for `block`, not for the client's response timeout");
+    let (id, _) = producer.await.expect("producer");
+    assert_eq!(
+        got.len(),
+        1,
+        "the job enqueued during the read is delivered"
+    );
+    assert_eq!(got[0].job.id, id);
+
+    // With nothing to read it returns empty once `block` has passed.
+    let started = Instant::now();
+    let none = q
+        .read(&mut reader, "c1", 1, Duration::from_millis(700))
+        .await
+        .expect("an empty blocking read is not an error");
+    assert!(none.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(650));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retries
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn backoff_grows_exponentially_with_jitter_and_is_capped() {
+    let base = Duration::from_millis(100);
+    let max = Duration::from_secs(5);
+    let q = JobQueue::new(
+        redis::Client::open("redis://127.0.0.1:1/").expect("valid url"),
+        QueueConfig {
+            base_backoff: base,
+            max_backoff: max,
+            ..QueueConfig::default()
+        },
+    );
+    let mut previous_mean = Duration::ZERO;
+    for attempt in 1..=12u32 {
+        let ceiling = (base * 2u32.pow(attempt - 1)).min(max);
+        let samples: Vec<Duration> = (0..300).map(|_| q.backoff(attempt)).collect();
+        for s in &samples {
+            assert!(
+                *s >= ceiling / 2 && *s <= ceiling,
+                "backoff({attempt}) = {s:?}, outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
+        }
+        let lo = samples.iter().min().copied().unwrap_or_default();
+        let hi = samples.iter().max().copied().unwrap_or_default();
+        assert!(
+            hi - lo > ceiling / 10,
+            "backoff({attempt}) is jittered (spread {:?})",
+            hi - lo
+        );
+        let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+        if ceiling < max {
+            assert!(
+                mean > previous_mean,
+                "backoff({attempt}) grows: mean {mean:?} after {previous_mean:?}"
+            );
+        }
+        previous_mean = mean;
+    }
+    // Far beyond the cap, and for absurd attempt counts, it stays within the cap.
+    for attempt in [30, 64, u32::MAX] {
+        let b = q.backoff(attempt);
+        assert!(b >= max / 2 && b <= max, "backoff({attempt}) = {b:?}");
+    }
+    // Attempt 0 (a wait that spent no attempt) uses the base.
+    let b = q.backoff(0);
+    assert!(b >= base / 2 && b <= base, "backoff(0) = {b:?}");
+}
+
+#[tokio::test]
+async fn a_job_failing_max_attempts_times_ends_dead_with_the_reason() {
+    let server = RedisServer::start().await;
+    let q = queue(
+        &server,
+        QueueConfig {
+            max_attempts: 3,
+            base_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(100),
+            ..config(&server)
+        },
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        Arc::new(FnHandler(move |_: &Job| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Outcome::Retry {
+                error: format!("LibreChat down (call {n})"),
+                after: None,
+                spend_attempt: true,
+            }
+        }))
+    };
+    let workers = Workers::start(&q, handler, 1, 2);
+    let (id, _) = q.enqueue(request("dave")).await.expect("enqueue");
+
+    let job = wait_for_state(&q, &id, JobState::Dead, Duration::from_secs(15)).await;
+    workers.stop().await;
+
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "ran exactly max_attempts times"
+    );
+    assert_eq!(job.attempts, 3);
+    let reason = job.last_error.expect("a dead job says why");
+    assert!(
+        reason.contains("gave up after 3 attempts") && reason.contains("LibreChat down (call 3)"),
+        "reason: {reason}"
+    );
+    let dead = q.list(JobState::Dead, 10).await.expect("list dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, id);
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 1));
+    assert_eq!(q.active_job_of("dave").await.expect("active"), None);
+    assert!(pending(&server).await.is_empty());
+}
+
+#[tokio::test]
+async fn rate_limit_waits_do_not_spend_attempts() {
+    let server = RedisServer::start().await;
+    let q = queue(
+        &server,
+        QueueConfig {
+            max_attempts: 2,
+            base_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(50),
+            ..config(&server)
+        },
+    );
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        Arc::new(FnHandler(move |_: &Job| {
+            match calls.fetch_add(1, Ordering::SeqCst) + 1 {
+                // One real failure: spends the first of two attempts.
+                1 => Outcome::Retry {
+                    error: "outage".into(),
+                    after: None,
+                    spend_attempt: true,
+                },
+                // Then a run of rate limits: were any of them counted, the job would die.
+                2..=5 => Outcome::Retry {
+                    error: "rate limited".into(),
+                    after: Some(Duration::from_millis(10)),
+                    spend_attempt: false,
+                },
+                _ => Outcome::Done,
+            }
+        }))
+    };
+    let workers = Workers::start(&q, handler, 1, 1);
+    let (id, _) = q.enqueue(request("erin")).await.expect("enqueue");
+
+    let job = wait_for_state(&q, &id, JobState::Done, Duration::from_secs(15)).await;
+    workers.stop().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    assert_eq!(job.attempts, 1, "only the outage spent an attempt");
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Delayed jobs
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn delayed_jobs_are_promoted_when_due_and_not_before() {
+    let server = RedisServer::start().await;
+    let q = queue(&server, config(&server));
+    let (soon, _) = q.enqueue(request("frank")).await.expect("enqueue");
+    let (late, _) = q.enqueue(request("grace")).await.expect("enqueue");
+    let mut reader = q.reader_connection().await.expect("reader");
+    let deliveries = q
+        .read(&mut reader, "c1", 10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    assert_eq!(deliveries.len(), 2);
+
+    let delay = Duration::from_millis(1200);
+    let retried_at = Instant::now();
+    for d in &deliveries {
+        let after = if d.job.id == soon {
+            delay
+        } else {
+            Duration::from_secs(3600)
+        };
+        let state = q
+            .retry(d, "wait".into(), Some(after), false)
+            .await
+            .expect("retry");
+        assert_eq!(state, JobState::Delayed);
+    }
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 2, 0));
+    assert!(pending(&server).await.is_empty(), "a delayed job is acked");
+    let delayed = q.list(JobState::Delayed, 10).await.expect("list");
+    assert_eq!(delayed.len(), 2);
+    assert!(delayed.iter().all(|j| j.next_run_at.is_some()));
+
+    assert_eq!(
+        q.promote_due().await.expect("promote"),
+        0,
+        "nothing is due yet"
+    );
+    assert!(
+        q.read(&mut reader, "c1", 10, Duration::from_millis(50))
+            .await
+            .expect("read")
+            .is_empty(),
+        "a delayed job is not delivered"
+    );
+
+    let promoted = eventually(
+        Duration::from_secs(5),
+        "the due job to be promoted",
+        || async {
+            let n = q.promote_due().await.expect("promote");
+            if n > 0 {
+                assert!(
+                    retried_at.elapsed() + Duration::from_millis(20) >= delay,
+                    "promoted after {:?}, before its delay of {delay:?}",
+                    retried_at.elapsed()
+                );
+            }
+            Some(n).filter(|n| *n > 0)
+        },
+    )
+    .await;
+    assert_eq!(promoted, 1, "only the due job is promoted");
+    assert_eq!(q.sizes().await.expect("sizes"), (1, 1, 0));
+    assert_eq!(
+        q.job(&soon).await.expect("job").map(|j| j.state),
+        Some(JobState::Pending)
+    );
+    assert_eq!(
+        q.job(&late).await.expect("job").map(|j| j.state),
+        Some(JobState::Delayed)
+    );
+
+    let again = q
+        .read(&mut reader, "c1", 10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].job.id, soon);
+    assert_eq!(again[0].job.attempts, 0);
+    assert_eq!(again[0].job.last_error.as_deref(), Some("wait"));
+    assert_eq!(q.promote_due().await.expect("promote"), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dead letters
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_can_be_requeued() {
+    let server = RedisServer::start().await;
+    let q = queue(
+        &server,
+        QueueConfig {
+            max_attempts: 2,
+            base_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+            ..config(&server)
+        },
+    );
+    let (id, _) = q.enqueue(request("heidi")).await.expect("enqueue");
+    let mut reader = q.reader_connection().await.expect("reader");
+
+    // Two failed attempts: the first backs off, the second buries the job.
+    let d = q
+        .read(&mut reader, "c1", 1, Duration::from_millis(100))
+        .await
+        .expect("read")
+        .pop()
+        .expect("delivered");
+    let state = q.retry(&d, "e1".into(), None, true).await.expect("retry");
+    assert_eq!(state, JobState::Delayed);
+    eventually(Duration::from_secs(5), "the retry to be due", || async {
+        let n = q.promote_due().await.expect("promote");
+        (n == 1).then_some(())
+    })
+    .await;
+    let d = q
+        .read(&mut reader, "c1", 1, Duration::from_millis(100))
+        .await
+        .expect("read")
+        .pop()
+        .expect("delivered again");
+    assert_eq!(d.job.attempts, 1);
+    let state = q.retry(&d, "e2".into(), None, true).await.expect("retry");
+    assert_eq!(state, JobState::Dead);
+
+    let dead = q.list(JobState::Dead, 10).await.expect("list dead");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].id, id);
+    assert_eq!(dead[0].attempts, 2);
+    assert_eq!(
+        dead[0].last_error.as_deref(),
+        Some("gave up after 2 attempts: e2")
+    );
+    assert_eq!(q.active_job_of("heidi").await.expect("active"), None);
+    let mut conn = raw(&server).await;
+    let ttl: i64 = conn
+        .ttl(key(&server, &format!("job:{id}")))
+        .await
+        .expect("TTL");
+    assert!(ttl > 0, "a dead job document expires (ttl {ttl})");
+
+    // While the user has another active job, requeueing returns that one and queues nothing.
+    let (other, created) = q.enqueue(request("heidi")).await.expect("enqueue");
+    assert!(created);
+    assert_eq!(q.requeue(&id).await.expect("requeue"), other);
+    assert_eq!(
+        q.job(&id).await.expect("job").map(|j| j.state),
+        Some(JobState::Dead)
+    );
+    let d = q
+        .read(&mut reader, "c1", 10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].job.id, other);
+    q.complete(&d[0]).await.expect("complete");
+
+    // Now the dead job runs again, with its attempts reset.
+    assert_eq!(q.requeue(&id).await.expect("requeue"), id);
+    let job = q.job(&id).await.expect("job").expect("exists");
+    assert_eq!(job.state, JobState::Pending);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(
+        q.active_job_of("heidi").await.expect("active"),
+        Some(id.clone())
+    );
+    let ttl: i64 = conn
+        .ttl(key(&server, &format!("job:{id}")))
+        .await
+        .expect("TTL");
+    assert_eq!(ttl, -1, "a requeued job no longer expires");
+    assert!(
+        q.list(JobState::Dead, 10).await.expect("list").is_empty(),
+        "a requeued job is no longer listed as dead"
+    );
+    assert_eq!(
+        q.requeue(&id).await.expect("requeue"),
+        id,
+        "requeueing an active job is a no-op"
+    );
+
+    let calls = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let calls = calls.clone();
+        Arc::new(FnHandler(move |job: &Job| {
+            assert_eq!(job.attempts, 0);
+            calls.fetch_add(1, Ordering::SeqCst);
+            Outcome::Done
+        }))
+    };
+    let workers = Workers::start(&q, handler, 1, 1);
+    wait_for_state(&q, &id, JobState::Done, Duration::from_secs(10)).await;
+    workers.stop().await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "requeued once, run once");
+
+    match q.requeue("no-such-job").await {
+        Err(QueueError::NotFound(missing)) => assert_eq!(missing, "no-such-job"),
+        other => panic!("requeue of an unknown job: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_handler_giving_up_dead_letters_at_once() {
+    let server = RedisServer::start().await;
+    let q = queue(&server, config(&server));
+    let handler = Arc::new(FnHandler(|_: &Job| Outcome::Dead {
+        reason: "validation: email domain not allowed".into(),
+    }));
+    let workers = Workers::start(&q, handler, 1, 1);
+    let (id, _) = q.enqueue(request("ivan")).await.expect("enqueue");
+    let job = wait_for_state(&q, &id, JobState::Dead, Duration::from_secs(10)).await;
+    workers.stop().await;
+    assert_eq!(job.attempts, 0);
+    assert_eq!(
+        job.last_error.as_deref(),
+        Some("validation: email domain not allowed")
+    );
+    assert_eq!(q.list(JobState::Dead, 10).await.expect("list").len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability
+// ---------------------------------------------------------------------------------------------
+
+/// Holds every job until the gate opens, then succeeds; counts runs per user.
+struct GatedHandler {
+    open: watch::Receiver<bool>,
+    runs: Mutex<HashMap<String, usize>>,
+    started: Notify,
+}
+
+#[async_trait]
+impl JobHandler for GatedHandler {
+    async fn handle(&self, job: &Job) -> Outcome {
+        *self
+            .runs
+            .lock()
+            .expect("lock")
+            .entry(job.request.user_id.clone())
+            .or_default() += 1;
+        self.started.notify_one();
+        let mut open = self.open.clone();
+        if open.wait_for(|o| *o).await.is_err() {
+            return Outcome::Retry {
+                error: "test ended".into(),
+                after: None,
+                spend_attempt: false,
+            };
+        }
+        Outcome::Done
+    }
+}
+
+#[tokio::test]
+async fn jobs_survive_a_redis_restart_with_aof() {
+    let mut server = RedisServer::start_with_aof().await;
+    let q = queue(
+        &server,
+        QueueConfig {
+            // A completion lost to the restart is redone quickly.
+            visibility_timeout: Duration::from_secs(1),
+            ..config(&server)
+        },
+    );
+    let users: Vec<String> = (0..12).map(|i| format!("user-{i:02}")).collect();
+    let mut ids = Vec::new();
+    for u in &users {
+        ids.push(q.enqueue(request(u)).await.expect("enqueue").0);
+    }
+
+    // Two jobs are in flight (held by the handler) when Redis goes down.
+    let (gate, open) = watch::channel(false);
+    let handler = Arc::new(GatedHandler {
+        open,
+        runs: Mutex::new(HashMap::new()),
+        started: Notify::new(),
+    });
+    let workers = Workers::start(&q, handler.clone(), 1, 2);
+    eventually(Duration::from_secs(10), "two jobs in flight", || async {
+        let n: usize = handler.runs.lock().expect("lock").values().sum();
+        (n == 2).then_some(())
+    })
+    .await;
+
+    server.stop().await;
+    // Down: calls fail (they do not hang).
+    let down = timeout(Duration::from_secs(20), q.enqueue(request("while-down")))
+        .await
+        .expect("an enqueue against a stopped Redis fails within 20 s");
+    assert!(down.is_err(), "enqueue succeeded with Redis down");
+    server.restart().await;
+
+    // The same queue recovers its connection by itself.
+    let late = eventually(
+        Duration::from_secs(20),
+        "the queue to reconnect",
+        || async { q.enqueue(request("after-restart")).await.ok() },
+    )
+    .await;
+    assert!(late.1, "a new job after the restart");
+    ids.push(late.0);
+    // Everything enqueued before the restart is still there.
+    for id in &ids {
+        assert!(
+            q.job(id).await.expect("job").is_some(),
+            "job {id} lost in the restart"
+        );
+    }
+
+    gate.send(true).expect("gate");
+    for id in &ids {
+        wait_for_state(&q, id, JobState::Done, Duration::from_secs(30)).await;
+    }
+    workers.stop().await;
+
+    let runs = handler.runs.lock().expect("lock").clone();
+    for u in users.iter().chain([&"after-restart".to_owned()]) {
+        assert!(runs.get(u).copied().unwrap_or(0) >= 1, "{u} never ran");
+    }
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
+    assert!(pending(&server).await.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded growth
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn completed_jobs_are_trimmed() {
+    let server = RedisServer::start().await;
+    let keep_done = 5;
+    let keep_finished = Duration::from_secs(3600);
+    let q = queue(
+        &server,
+        QueueConfig {
+            keep_done,
+            keep_finished,
+            ..config(&server)
+        },
+    );
+    let workers = Workers::start(&q, Arc::new(FnHandler(|_: &Job| Outcome::Done)), 1, 4);
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        ids.push(
+            q.enqueue(request(&format!("trim-{i}")))
+                .await
+                .expect("enqueue")
+                .0,
+        );
+    }
+    for id in &ids {
+        wait_for_state(&q, id, JobState::Done, Duration::from_secs(20)).await;
+    }
+    workers.stop().await;
+
+    assert_eq!(
+        q.sizes().await.expect("sizes"),
+        (0, 0, 0),
+        "the stream is empty"
+    );
+    let mut conn = raw(&server).await;
+    let done: usize = conn.llen(key(&server, "done")).await.expect("LLEN");
+    assert_eq!(done, keep_done, "{{P}}:done keeps only the most recent");
+    let recent: Vec<String> = conn
+        .lrange(key(&server, "done"), 0, -1)
+        .await
+        .expect("LRANGE");
+    assert_eq!(
+        q.list(JobState::Done, 100).await.expect("list").len(),
+        keep_done
+    );
+    assert!(recent.iter().all(|id| ids.contains(id)));
+    assert!(pending(&server).await.is_empty());
+    let info: StreamPendingReply = conn
+        .xpending(key(&server, "jobs"), GROUP)
+        .await
+        .expect("XPENDING");
+    assert_eq!(info.count(), 0);
+    for id in &ids {
+        let ttl: i64 = conn
+            .ttl(key(&server, &format!("job:{id}")))
+            .await
+            .expect("TTL");
+        assert!(
+            ttl > 0 && ttl as u64 <= keep_finished.as_secs(),
+            "a finished job expires (ttl {ttl})"
+        );
+    }
+    let users: Vec<String> = conn.keys(key(&server, "user:*")).await.expect("KEYS");
+    assert!(users.is_empty(), "no idempotency keys left: {users:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Several workers
+// ---------------------------------------------------------------------------------------------
+
+/// Counts calls per user, and which worker made them.
+struct Counting {
+    worker: usize,
+    calls: Arc<Mutex<HashMap<String, usize>>>,
+    by_worker: Arc<Mutex<HashMap<usize, usize>>>,
+}
+
+#[async_trait]
+impl JobHandler for Counting {
+    async fn handle(&self, job: &Job) -> Outcome {
+        *self
+            .calls
+            .lock()
+            .expect("lock")
+            .entry(job.request.user_id.clone())
+            .or_default() += 1;
+        *self
+            .by_worker
+            .lock()
+            .expect("lock")
+            .entry(self.worker)
+            .or_default() += 1;
+        // Some work, so that jobs overlap and workers compete.
+        let pause = rand::random_range(0..4u64);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        Outcome::Done
+    }
+}
+
+#[tokio::test]
+async fn several_workers_handle_each_user_exactly_once() {
+    let server = RedisServer::start().await;
+    let q = queue(&server, config(&server));
+    q.sizes().await.expect("connect");
+    let calls = Arc::new(Mutex::new(HashMap::new()));
+    let by_worker = Arc::new(Mutex::new(HashMap::new()));
+    let (stop, rx) = watch::channel(false);
+    let handles: Vec<JoinHandle<()>> = (0..3)
+        .map(|w| {
+            let handler = Arc::new(Counting {
+                worker: w,
+                calls: calls.clone(),
+                by_worker: by_worker.clone(),
+            });
+            tokio::spawn(Worker::new(q.clone(), handler, 4).run(rx.clone()))
+        })
+        .collect();
+
+    let n = 300;
+    let users: Vec<String> = (0..n).map(|i| format!("many-{i:03}")).collect();
+    let mut ids = Vec::new();
+    for u in &users {
+        let (id, created) = q.enqueue(request(u)).await.expect("enqueue");
+        assert!(created);
+        ids.push(id);
+    }
+    eventually(Duration::from_secs(60), "every job to finish", || async {
+        let (depth, delayed, _) = q.sizes().await.expect("sizes");
+        let handled: usize = calls.lock().expect("lock").values().sum();
+        (depth == 0 && delayed == 0 && handled >= n).then_some(())
+    })
+    .await;
+    stop.send(true).expect("stop");
+    for h in handles {
+        timeout(Duration::from_secs(10), h)
+            .await
+            .expect("a worker stops")
+            .expect("no panic");
+    }
+
+    let calls = calls.lock().expect("lock").clone();
+    assert_eq!(calls.len(), n, "every user was handled");
+    for u in &users {
+        assert_eq!(
+            calls.get(u),
+            Some(&1),
+            "{u} handled {:?} times",
+            calls.get(u)
+        );
+    }
+    for id in &ids {
+        assert_eq!(
+            q.job(id).await.expect("job").map(|j| j.state),
+            Some(JobState::Done)
+        );
+    }
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0), "none dead");
+    assert!(pending(&server).await.is_empty());
+    let by_worker = by_worker.lock().expect("lock").clone();
+    assert!(
+        by_worker.len() >= 2,
+        "the work was shared between workers: {by_worker:?}"
+    );
+}

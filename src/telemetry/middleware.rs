@@ -1,0 +1,51 @@
+//! Per-request context: a request id (the client's `X-Request-Id` when sane, else a new one) on
+//! the request, the response and every log line of the request (a span), plus the request
+//! metrics. Latency is time to response headers, so streamed bodies don't distort it.
+
+use std::time::Instant;
+
+use axum::{
+    extract::{Request, State},
+    middleware::Next,
+    response::Response,
+};
+use tracing::Instrument;
+
+use super::metrics::{route_group, GroupLabels, RequestLabels};
+use crate::{app::AppState, proxy::headers};
+
+pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let request_id = headers::request_id(req.headers());
+    req.headers_mut()
+        .insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+    let group = route_group(req.uri().path());
+    let span = tracing::info_span!(
+        "request",
+        request_id = request_id.to_str().unwrap_or_default(),
+        method = %req.method(),
+        route_group = group,
+    );
+    let started = Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    let status = res.status().as_u16();
+    res.headers_mut()
+        .insert(headers::X_REQUEST_ID.clone(), request_id);
+    state
+        .metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route_group: group,
+            status,
+        })
+        .inc();
+    state
+        .metrics
+        .request_duration
+        .get_or_create(&GroupLabels { route_group: group })
+        .observe(elapsed.as_secs_f64());
+    span.in_scope(|| {
+        tracing::info!(status, elapsed_ms = elapsed.as_millis() as u64, "request");
+    });
+    res
+}
