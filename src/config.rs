@@ -140,6 +140,7 @@ pub struct LibreChatConfig {
 pub struct ServerConfig {
     pub listen: String,
     pub trusted_proxies: Vec<String>,
+    pub drain_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -8,6 +8,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod credentials;
+pub mod doctor;
 pub mod error;
 pub mod extract;
 pub mod health;

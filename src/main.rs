@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use librechat_bff::{
-    admin::ops, app::AppState, config::Config, credentials::KeyRing, serve, telemetry,
+    admin::ops, app::AppState, config::Config, credentials::KeyRing, doctor, serve, telemetry,
 };
 
 #[derive(Parser)]
@@ -35,6 +35,11 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// Check Redis, LibreChat, the identity keys, the key ring and the config; print a checklist.
+    Doctor {
+        #[arg(long, env = "BFF_CONFIG")]
+        config: Option<PathBuf>,
     },
     /// Run provisioning workers only (scale-out), until SIGINT/SIGTERM.
     Worker {
@@ -141,6 +146,23 @@ fn main() -> ExitCode {
             command: CredentialsCommand::Rotate { config },
         } => run_async(rotate_credentials(config)),
         Command::Users { config, command } => run_async(users(config, command)),
+        Command::Doctor { config } => run_async(async move {
+            let config = match Config::load(config.as_deref()) {
+                Ok(c) => c,
+                Err(e) => {
+                    println!("[FAIL] configuration: {e}\n       fix: correct that setting");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let state = AppState::new(config)?;
+            let checks = doctor::run(&state).await;
+            print!("{}", doctor::render(&checks));
+            Ok(if checks.iter().any(|c| c.level == doctor::Level::Fail) {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }),
         Command::Jobs { config, command } => run_async(jobs(config, command)),
         Command::Worker { config } => run_async(async move {
             let config = Config::load(config.as_deref())?;

@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
+use std::future::IntoFuture;
+
 use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
@@ -88,7 +90,22 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    let result = server.await;
+    // Graceful: the server stops accepting at once and waits for open connections; streams
+    // still open after the drain timeout are cut.
+    let drain = Duration::from_secs(metrics_state.config.server.drain_timeout_secs);
+    let mut server = tokio::spawn(server.into_future());
+    let mut stopped = stop_rx.clone();
+    let result = tokio::select! {
+        r = &mut server => r.unwrap_or(Ok(())),
+        _ = async {
+            let _ = stopped.wait_for(|s| *s).await;
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!(secs = drain.as_secs(), "drain timeout: closing the connections still open");
+            server.abort();
+            Ok(())
+        }
+    };
     signal.abort();
     if let Some(m) = metrics_server {
         let _ = m.await;
