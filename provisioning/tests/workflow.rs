@@ -54,7 +54,7 @@ struct Scripted {
     store_fails: bool,
     register: VecDeque<Result<(), LibreChatFailure>>,
     login: VecDeque<Result<Option<String>, LibreChatFailure>>,
-    request_reset: VecDeque<Result<Option<String>, LibreChatFailure>>,
+    request_reset: VecDeque<ResetAnswer>,
     reset_password: VecDeque<Result<(), LibreChatFailure>>,
 }
 
@@ -519,10 +519,13 @@ async fn after_a_reset_the_librechat_id_comes_from_the_link_when_login_does_not_
     assert_eq!(b.calls().last(), Some(&ready(Some("lc-42"))));
 }
 
+/// What `requestPasswordReset` answers.
+type ResetAnswer = Result<Option<String>, LibreChatFailure>;
+
 /// The ways recovery can be impossible, and a word each conflict message must contain.
 #[tokio::test]
 async fn when_reset_is_impossible_the_account_is_marked_conflict_with_instructions() {
-    let cases: Vec<(&str, Result<Option<String>, LibreChatFailure>, &str)> = vec![
+    let cases: Vec<(&str, ResetAnswer, &str)> = vec![
         (
             "reset disabled",
             Err(LibreChatFailure::Disabled("password reset is off".into())),

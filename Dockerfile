@@ -1,0 +1,20 @@
+# librechat-bff: multi-stage build. The runtime image holds the binary, CA certificates and a
+# non-root user; nothing else.
+FROM rust:1.85-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY provisioning ./provisioning
+COPY src ./src
+COPY config ./config
+RUN cargo build --release --locked --bin librechat-bff
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin bff
+COPY --from=build /src/target/release/librechat-bff /usr/local/bin/librechat-bff
+USER 10001:10001
+EXPOSE 8080 9090
+ENTRYPOINT ["/usr/local/bin/librechat-bff"]
+CMD ["serve"]
