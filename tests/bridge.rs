@@ -61,6 +61,8 @@ async fn sse_frames_reach_the_client_before_the_stream_ends() {
     let bff = w.bff(&[]).await;
     w.user(&bff, 8).await;
     let bearer = w.bearer(8);
+    // The gate holds the last frame of the next chat turn.
+    let gate = w.lc.hold_stream_end();
     let started = http()
         .post(format!("{}/api/chat/agents/chat/FakeAI", bff.base_url))
         .bearer_auth(&bearer)
@@ -72,7 +74,6 @@ async fn sse_frames_reach_the_client_before_the_stream_ends() {
     let started: Value = started.json().await.expect("json");
     let stream_id = started["streamId"].as_str().expect("streamId").to_owned();
 
-    let gate = w.lc.hold_stream_end();
     let res = http()
         .get(format!(
             "{}/api/chat/agents/chat/stream/{stream_id}",
@@ -100,6 +101,8 @@ async fn sse_frames_reach_the_client_before_the_stream_ends() {
         seen.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert!(seen.starts_with("event: message"), "{seen}");
+    // Everything but the last frame has gone out, and the last is held.
+    gate.reached().await;
     assert!(
         !seen.contains("\"final\":true"),
         "the last frame is still held"

@@ -68,7 +68,9 @@ fn services_ports_and_networks() {
         .filter_map(Yaml::as_str)
         .collect();
     assert!(redis_cmd.windows(2).any(|w| w == ["--appendonly", "yes"]));
-    let image = doc["services"]["librechat"]["image"].as_str().expect("image");
+    let image = doc["services"]["librechat"]["image"]
+        .as_str()
+        .expect("image");
     assert!(
         image.starts_with("ghcr.io/danny-avila/librechat:v"),
         "pinned official image: {image}"
@@ -114,7 +116,9 @@ fn librechat_runs_as_the_contract_requires() {
         .filter_map(|p| p.as_str().map(str::to_owned))
         .collect();
     assert!(
-        published.iter().all(|p| p.ends_with(&format!(":{listen_port}"))),
+        published
+            .iter()
+            .all(|p| p.ends_with(&format!(":{listen_port}"))),
         "{published:?} vs listen port {listen_port}"
     );
 }
@@ -163,7 +167,8 @@ fn every_bff_variable_names_a_real_setting() {
 
 #[test]
 fn the_env_example_lists_every_variable_and_the_readme_matches() {
-    let text = std::fs::read_to_string(format!("{}/compose.librechat.yaml", root())).expect("compose");
+    let text =
+        std::fs::read_to_string(format!("{}/compose.librechat.yaml", root())).expect("compose");
     let mut used = BTreeSet::new();
     let mut rest = text.as_str();
     while let Some(i) = rest.find("${") {
@@ -175,9 +180,15 @@ fn the_env_example_lists_every_variable_and_the_readme_matches() {
     }
     let doc = compose();
     for secret in doc["secrets"].as_hash().expect("secrets").values() {
-        used.insert(secret["environment"].as_str().expect("env secret").to_owned());
+        used.insert(
+            secret["environment"]
+                .as_str()
+                .expect("env secret")
+                .to_owned(),
+        );
     }
-    let example = std::fs::read_to_string(format!("{}/.env.example", root())).expect(".env.example");
+    let example =
+        std::fs::read_to_string(format!("{}/.env.example", root())).expect(".env.example");
     let listed: BTreeSet<String> = example
         .lines()
         .filter(|l| !l.trim_start().starts_with('#'))

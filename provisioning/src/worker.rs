@@ -103,7 +103,7 @@ impl Worker {
                 Ok(()) => pause = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!(error = %e, "provisioning worker: queue unavailable; retrying");
-
+                    reader = None;
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
                         _ = shutdown.changed() => {}

@@ -113,6 +113,18 @@ async fn wait_for_state(q: &JobQueue, id: &str, state: JobState, within: Duratio
     .await
 }
 
+/// Waits until the job has finished (done or dead) and returns it, so that a job ending the
+/// wrong way fails the test at once rather than at the deadline.
+async fn wait_until_finished(q: &JobQueue, id: &str, within: Duration) -> Job {
+    eventually(within, &format!("job {id} to finish"), || async {
+        q.job(id)
+            .await
+            .expect("read job")
+            .filter(|j| !j.state.is_active())
+    })
+    .await
+}
+
 /// A handler from a closure.
 struct FnHandler<F>(F);
 
@@ -440,8 +452,9 @@ async fn a_job_failing_max_attempts_times_ends_dead_with_the_reason() {
     let workers = Workers::start(&q, handler, 1, 2);
     let (id, _) = q.enqueue(request("dave")).await.expect("enqueue");
 
-    let job = wait_for_state(&q, &id, JobState::Dead, Duration::from_secs(15)).await;
+    let job = wait_until_finished(&q, &id, Duration::from_secs(15)).await;
     workers.stop().await;
+    assert_eq!(job.state, JobState::Dead);
 
     assert_eq!(
         calls.load(Ordering::SeqCst),
@@ -498,8 +511,14 @@ async fn rate_limit_waits_do_not_spend_attempts() {
     let workers = Workers::start(&q, handler, 1, 1);
     let (id, _) = q.enqueue(request("erin")).await.expect("enqueue");
 
-    let job = wait_for_state(&q, &id, JobState::Done, Duration::from_secs(15)).await;
+    let job = wait_until_finished(&q, &id, Duration::from_secs(15)).await;
     workers.stop().await;
+    assert_eq!(
+        job.state,
+        JobState::Done,
+        "rate limits used up the attempts: {:?}",
+        job.last_error
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 6);
     assert_eq!(job.attempts, 1, "only the outage spent an attempt");
     assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
@@ -721,8 +740,9 @@ async fn a_handler_giving_up_dead_letters_at_once() {
     }));
     let workers = Workers::start(&q, handler, 1, 1);
     let (id, _) = q.enqueue(request("ivan")).await.expect("enqueue");
-    let job = wait_for_state(&q, &id, JobState::Dead, Duration::from_secs(10)).await;
+    let job = wait_until_finished(&q, &id, Duration::from_secs(10)).await;
     workers.stop().await;
+    assert_eq!(job.state, JobState::Dead);
     assert_eq!(job.attempts, 0);
     assert_eq!(
         job.last_error.as_deref(),

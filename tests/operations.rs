@@ -1,0 +1,362 @@
+//! Operations: metrics after an end-to-end run, graceful shutdown of the real binary under
+//! SIGTERM with an open stream, and `doctor`.
+
+mod support;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use reqwest::{header, StatusCode};
+use serde_json::{json, Value};
+use support::{
+    fake_librechat::{FakeLibreChat, FakeLibreChatOptions},
+    world::{chat_body, get_json, http, World, ID_PASSWORD},
+};
+use tokio::sync::watch;
+
+const ADMIN_TOKEN: &str = "ops-admin-token-0123456789";
+
+/// `name{labels} value` lines of the exposition whose metric name is `name`.
+fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| (series, value.parse().unwrap_or(0.0)))
+        })
+        .collect()
+}
+
+fn nonzero(text: &str, name: &str) -> bool {
+    samples(text, name).iter().any(|(_, v)| *v > 0.0)
+}
+
+async fn metrics(base: &str) -> String {
+    let res = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    assert_eq!(res.status(), StatusCode::OK);
+    res.text().await.expect("text")
+}
+
+#[tokio::test]
+async fn metrics_show_every_family_after_an_end_to_end_run() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[
+            ("BFF__TELEMETRY__METRICS_ON_MAIN_LISTENER", "true".into()),
+            ("BFF__ADMIN__TOKEN", ADMIN_TOKEN.into()),
+            ("BFF__PROVISIONING__BASE_BACKOFF_SECS", "60".into()),
+        ])
+        .await;
+    w.user(&bff, 301).await;
+
+    // Sign-in, proxied calls, a chat turn with its stream held open.
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("user301", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+    let gate = w.lc.hold_stream_end();
+    let started = browser
+        .post("/api/chat/agents/chat/FakeAI", chat_body("hi"))
+        .await;
+    let stream_id = started.body["streamId"]
+        .as_str()
+        .expect("streamId")
+        .to_owned();
+    let res = http()
+        .get(format!(
+            "{}/api/chat/agents/chat/stream/{stream_id}",
+            bff.base_url
+        ))
+        .bearer_auth(w.bearer(301))
+        .send()
+        .await
+        .expect("stream");
+    let mut body = res.bytes_stream();
+    let _first = body.next().await.expect("a frame").expect("chunk");
+    let during = metrics(&bff.base_url).await;
+    assert_eq!(
+        samples(&during, "bff_sse_streams_active"),
+        vec![("bff_sse_streams_active", 1.0)]
+    );
+    gate.release();
+    while body.next().await.is_some() {}
+
+    // Provisioning: one dead job, one delayed (LibreChat down), one waiting in the queue.
+    let (tx, rx) = watch::channel(false);
+    let worker = bff.state.provisioner.spawn_worker(rx);
+    let add = |id: &str, email: &str| {
+        http()
+            .post(format!("{}/admin/users", bff.base_url))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&json!({"user_id": id, "email": email}))
+            .send()
+    };
+    add("302", "bad@@example.com").await.expect("add");
+    let queue = bff.state.provisioner.queue.clone();
+    wait_for(|| async { queue.sizes().await.ok().filter(|s| s.2 == 1) }).await;
+    w.lc.go_down().await;
+    add("303", "down@example.com").await.expect("add");
+    wait_for(|| async { queue.sizes().await.ok().filter(|s| s.1 == 1) }).await;
+    let _ = tx.send(true);
+    let _ = worker.await;
+    add("304", "later@example.com").await.expect("add");
+    // An upstream error, and a revoked session.
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &w.bearer(301)).await.0,
+        StatusCode::BAD_GATEWAY
+    );
+    http()
+        .delete(format!("{}/admin/users/301/sessions", bff.base_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("revoke");
+
+    let text = metrics(&bff.base_url).await;
+    for family in [
+        "bff_http_requests_total",
+        "bff_http_request_duration_seconds_count",
+        "bff_librechat_upstream_duration_seconds_count",
+        "bff_librechat_upstream_errors_total",
+        "bff_librechat_auth_total",
+        "bff_identity_auth_total",
+        "bff_sessions_total",
+        "bff_sse_stream_duration_seconds_count",
+        "bff_provisioning_jobs_total",
+        "bff_provisioning_queue_depth",
+        "bff_provisioning_delayed_jobs",
+        "bff_provisioning_dead_letter_size",
+    ] {
+        assert!(
+            nonzero(&text, family),
+            "{family} is zero or missing:\n{text}"
+        );
+    }
+    assert!(text.contains(r#"bff_librechat_upstream_errors_total{kind="unreachable"}"#));
+    assert!(text.contains(r#"bff_sessions_total{event="revoked"}"#));
+}
+
+async fn wait_for<T, F, Fut>(mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The real binary, configured by environment against this test's world.
+fn spawn_bff(w: &World, port: u16, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_librechat-bff"));
+    cmd.arg("serve")
+        .env("BFF__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("BFF__IDENTITY__BASE_URL", &w.idp.base_url)
+        .env(
+            "BFF__IDENTITY__JWT__HS_SECRET",
+            w.idp.hs_secret().expect("hs"),
+        )
+        .env("BFF__SESSION__STORE", "redis")
+        .env("BFF__REDIS__URL", w.redis.url())
+        .env("BFF__REDIS__KEY_PREFIX", w.redis.key_prefix())
+        .env("BFF__CRYPTO__FERNET_KEYS", &w.key)
+        .env("BFF__LIBRECHAT__URL", &w.lc.base_url)
+        .env("BFF__PROVISIONING__WORKERS_IN_SERVE", "false")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn the binary")
+}
+
+async fn wait_healthy(base: &str) {
+    wait_for(|| async {
+        let r = http().get(format!("{base}/healthz")).send().await.ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+}
+
+fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+async fn wait_exit(child: &mut Child, secs: u64) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "did not exit in {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn open_held_stream(
+    w: &World,
+    base: &str,
+    id: i64,
+) -> (
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>>,
+    support::fake_librechat::StreamGate,
+) {
+    let bearer = w.bearer(id);
+    // The gate applies to the next chat turn: set it before the POST.
+    let gate = w.lc.hold_stream_end();
+    let res = http()
+        .post(format!("{base}/api/chat/agents/chat/FakeAI"))
+        .bearer_auth(&bearer)
+        .json(&chat_body("long answer"))
+        .send()
+        .await
+        .expect("chat");
+    let started: Value = res.json().await.expect("json");
+    let stream_id = started["streamId"].as_str().expect("streamId").to_owned();
+    let res = http()
+        .get(format!("{base}/api/chat/agents/chat/stream/{stream_id}"))
+        .bearer_auth(&bearer)
+        .header(header::ACCEPT, "text/event-stream")
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut body = res.bytes_stream();
+    let first = body.next().await.expect("a frame").expect("chunk");
+    assert!(first.starts_with(b"event: message"));
+    (body, gate)
+}
+
+#[tokio::test]
+async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let seeder = w.bff(&[]).await;
+    w.user(&seeder, 310).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn_bff(&w, port, &[("BFF__SERVER__DRAIN_TIMEOUT_SECS", "20")]);
+    wait_healthy(&base).await;
+    let (mut body, gate) = open_held_stream(&w, &base, 310).await;
+
+    sigterm(&child);
+    // New connections are refused once the signal is handled...
+    wait_for(|| async {
+        http()
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .err()
+            .map(|_| ())
+    })
+    .await;
+    // ...while the open stream runs to its end.
+    gate.release();
+    let mut rest = String::new();
+    while let Some(chunk) = body.next().await {
+        rest.push_str(&String::from_utf8_lossy(&chunk.expect("stream not cut")));
+    }
+    assert!(
+        rest.contains("\"final\":true"),
+        "the stream completed: {rest}"
+    );
+    let status = wait_exit(&mut child, 10).await;
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn a_stream_still_open_after_the_drain_timeout_is_cut_and_the_exit_is_clean() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let seeder = w.bff(&[]).await;
+    w.user(&seeder, 311).await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn_bff(&w, port, &[("BFF__SERVER__DRAIN_TIMEOUT_SECS", "1")]);
+    wait_healthy(&base).await;
+    let (mut body, _gate) = open_held_stream(&w, &base, 311).await;
+    sigterm(&child);
+    let status = wait_exit(&mut child, 10).await;
+    assert_eq!(status.code(), Some(0));
+    let mut cut = false;
+    while let Some(chunk) = body.next().await {
+        if chunk.is_err() {
+            cut = true;
+        }
+    }
+    assert!(cut, "the held stream was cut, not completed");
+}
+
+#[tokio::test]
+async fn doctor_names_disabled_registration_and_its_fix() {
+    let lc = FakeLibreChat::start(FakeLibreChatOptions {
+        allow_registration: false,
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let redis = support::redis::RedisServer::start_with_aof().await;
+    let key = librechat_bff::credentials::KeyRing::generate_key();
+    // tokio's Command: the fake LibreChat runs on this test's runtime and must keep answering.
+    let doctor = || {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_librechat-bff"))
+            .arg("doctor")
+            .env("BFF__REDIS__URL", redis.url())
+            .env("BFF__CRYPTO__FERNET_KEYS", &key)
+            .env("BFF__SESSION__STORE", "redis")
+            .env(
+                "BFF__IDENTITY__JWT__HS_SECRET",
+                "a-secret-for-the-doctor-test",
+            )
+            .env("BFF__LIBRECHAT__URL", &lc.base_url)
+            .output()
+    };
+    let out = doctor().await.expect("doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] LibreChat registration is disabled"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("fix: set ALLOW_REGISTRATION=true"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("[ok]   Redis persistence: appendonly yes"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[ok]   LibreChat answers"), "{stdout}");
+
+    lc.set_allow_registration(true);
+    let out = doctor().await.expect("doctor");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "all good now: {stdout}");
+}
