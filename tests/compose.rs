@@ -20,7 +20,7 @@ fn compose() -> Yaml {
         .expect("one document")
 }
 
-fn env_of<'a>(service: &'a Yaml) -> Vec<(String, String)> {
+fn env_of(service: &Yaml) -> Vec<(String, String)> {
     service["environment"]
         .as_hash()
         .expect("environment is a map")

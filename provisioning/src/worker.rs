@@ -65,7 +65,8 @@ impl Worker {
         let mut last_maintenance: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
         tracing::info!(consumer = %self.consumer, concurrency = self.concurrency, "provisioning worker started");
-        while !*shutdown.borrow() {
+        // A dropped sender also means stop (otherwise `changed()` returns at once, forever).
+        while !*shutdown.borrow() && shutdown.has_changed().is_ok() {
             while tasks.try_join_next().is_some() {}
             let result = async {
                 if last_maintenance.is_none_or(|t| t.elapsed() >= self.maintenance_every) {
