@@ -101,9 +101,19 @@ impl Worker {
             }
             .await;
             match result {
-                Ok(()) => pause = Duration::from_millis(100),
+                Ok(()) => {
+                    if pause > Duration::from_millis(100) {
+                        tracing::info!("provisioning worker: queue reachable again");
+                    }
+                    pause = Duration::from_millis(100);
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "provisioning worker: queue unavailable; retrying");
+                    // Say it once per outage; the retries themselves are debug noise.
+                    if pause == Duration::from_millis(100) {
+                        tracing::warn!(error = %e, "provisioning worker: queue unavailable; retrying until it is back");
+                    } else {
+                        tracing::debug!(error = %e, "provisioning worker: queue still unavailable");
+                    }
                     reader = None;
                     tokio::select! {
                         _ = tokio::time::sleep(pause) => {}
