@@ -125,9 +125,13 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
+    // `cargo bench` passes --bench; under `cargo test --all-targets` this runs as a small smoke
+    // run (debug build) so the benchmark cannot rot.
+    let full = std::env::args().any(|a| a == "--bench");
+    let (jobs, users) = if full { (5_000, 1_000) } else { (200, 50) };
     runtime.block_on(async {
         let redis = RedisServer::start().await;
-        noop_queue(&redis, 5_000).await;
-        against_the_fake(&redis, 1_000).await;
+        noop_queue(&redis, jobs).await;
+        against_the_fake(&redis, users).await;
     });
 }
