@@ -87,7 +87,10 @@ async fn against_the_fake(redis: &RedisServer, users: usize) {
     let env = [
         ("BFF__SESSION__STORE", "redis".to_string()),
         ("BFF__REDIS__URL", redis.url()),
-        ("BFF__REDIS__KEY_PREFIX", format!("{}-wf", redis.key_prefix())),
+        (
+            "BFF__REDIS__KEY_PREFIX",
+            format!("{}-wf", redis.key_prefix()),
+        ),
         ("BFF__CRYPTO__FERNET_KEYS", KeyRing::generate_key()),
         ("BFF__LIBRECHAT__URL", lc.base_url.clone()),
         ("BFF__PROVISIONING__CONCURRENCY", "8".to_string()),
