@@ -61,13 +61,42 @@ async fn wait_ok(url: &str, bearer: Option<&str>) {
     panic!("{url} never answered 200");
 }
 
+/// utime+stime (clock ticks) of `pid` and its direct children.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = |p: &str| -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        // Fields after the parenthesised command name; ppid is the 2nd, utime/stime the 12th/13th.
+        let rest = text.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        Some((
+            f.get(1)?.parse().ok()?,
+            f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?,
+        ))
+    };
+    let mut total = stat(&pid.to_string()).map_or(0, |s| s.1);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some((ppid, ticks)) = stat(&name) {
+                if ppid == pid {
+                    total += ticks;
+                }
+            }
+        }
+    }
+    total
+}
+
 struct WrkResult {
     rps: f64,
     p50: String,
     p99: String,
+    /// Server CPU time per request (µs): user + system of the server's processes.
+    cpu_us: f64,
 }
 
-fn wrk(url: &str, bearer: &str, connections: u32, secs: u32) -> WrkResult {
+fn wrk(url: &str, bearer: &str, connections: u32, secs: u32, server_pid: u32) -> WrkResult {
+    let before = cpu_ticks(server_pid);
     let out = Command::new("wrk")
         .args([
             "-t2",
@@ -82,6 +111,7 @@ fn wrk(url: &str, bearer: &str, connections: u32, secs: u32) -> WrkResult {
         ])
         .output()
         .expect("wrk runs");
+    let ticks = cpu_ticks(server_pid).saturating_sub(before);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let field = |prefix: &str| {
         text.lines()
@@ -93,10 +123,23 @@ fn wrk(url: &str, bearer: &str, connections: u32, secs: u32) -> WrkResult {
     if text.contains("Non-2xx") {
         eprintln!("warning: non-2xx answers during the run:\n{text}");
     }
+    let requests: f64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    // Clock ticks are 1/100 s on Linux.
+    let cpu_us = if requests > 0.0 {
+        ticks as f64 * 10_000.0 / requests
+    } else {
+        0.0
+    };
     WrkResult {
         rps: field("Requests/sec:").parse().unwrap_or(0.0),
         p50: field("50%"),
         p99: field("99%"),
+        cpu_us,
     }
 }
 
@@ -148,7 +191,7 @@ fn main() {
         let bearer = idp.mint_access(1, Duration::from_secs(3600));
 
         let bff_port = free_port();
-        let _bff = Killed(
+        let bff = Killed(
             Command::new(env!("CARGO_BIN_EXE_librechat-bff"))
                 .arg("serve")
                 .envs(env.iter().cloned())
@@ -190,7 +233,7 @@ fn main() {
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("conf");
-        let _nginx = Killed(
+        let nginx = Killed(
             Command::new("nginx")
                 .args(["-c", &conf_path.display().to_string(), "-p", &dir.path().display().to_string()])
                 .stdout(Stdio::null())
@@ -204,11 +247,23 @@ fn main() {
         wait_ok(&nginx_url, None).await;
 
         // wrk blocks: run it off the runtime that serves the fakes.
+        let (bff_pid, nginx_pid) = (bff.0.id(), nginx.0.id());
         let results = tokio::task::spawn_blocking(move || {
             let mut rows = Vec::new();
             for c in [8, 32] {
-                let n = wrk(&nginx_url, "unused", c, 8);
-                let b = wrk(&bff_url, &bearer, c, 8);
+                let n = wrk(&nginx_url, "unused", c, 8, nginx_pid);
+                // PERF_OUT=<file>: profile the BFF during its runs (perf record).
+                let perf = std::env::var("PERF_OUT").ok().map(|out| {
+                    Command::new("perf")
+                        .args(["record", "-F", "499", "-g", "-o", &format!("{out}.{c}"), "-p", &bff_pid.to_string(), "--", "sleep", "6"])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .spawn()
+                });
+                let b = wrk(&bff_url, &bearer, c, 8, bff_pid);
+                if let Some(Ok(mut p)) = perf {
+                    let _ = p.wait();
+                }
                 rows.push((c, n, b));
             }
             rows
@@ -216,11 +271,11 @@ fn main() {
         .await
         .expect("wrk");
         println!("GET /api/chat/convos, 8 s per run, wrk -t2 (same 2-core machine as everything else)");
-        println!("{:>11} | {:>22} | {:>22} | BFF/nginx", "connections", "nginx rps (p50/p99)", "BFF rps (p50/p99)");
+        println!("connections | nginx rps (p50/p99, CPU/req) | BFF rps (p50/p99, CPU/req) | BFF/nginx rps");
         for (c, n, b) in results {
             println!(
-                "{c:>11} | {:>8.0} ({:>5}/{:>5}) | {:>8.0} ({:>5}/{:>5}) | {:.2}",
-                n.rps, n.p50, n.p99, b.rps, b.p50, b.p99,
+                "{c:>11} | {:.0} ({}/{}, {:.0} µs) | {:.0} ({}/{}, {:.0} µs) | {:.2}",
+                n.rps, n.p50, n.p99, n.cpu_us, b.rps, b.p50, b.p99, b.cpu_us,
                 if n.rps > 0.0 { b.rps / n.rps } else { 0.0 }
             );
         }

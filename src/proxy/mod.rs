@@ -67,23 +67,23 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     let request_id = headers::request_id(&parts.headers);
     let uri = state.upstream.uri(rest, parts.uri.query())?;
     let mut body = RequestBody::prepare(&parts, body, &state.upstream).await?;
-    let mut upstream_headers = parts.headers.clone();
+    let method = parts.method;
+    // The client's headers are not needed any more: rewrite them in place.
+    let mut upstream_headers = parts.headers;
     headers::rewrite_request(&mut upstream_headers, &token, &client, &request_id);
 
     // 4. Forward; on 401 renew the token and replay once if the body allows it.
     let first = body.take();
+    // Keep a copy for the replay only when there can be one.
+    let kept = body
+        .replay_possible()
+        .then(|| (uri.clone(), upstream_headers.clone()));
     let mut res = state
         .upstream
-        .send(
-            parts.method.clone(),
-            uri.clone(),
-            upstream_headers.clone(),
-            first,
-            &state.metrics,
-        )
+        .send(method.clone(), uri, upstream_headers, first, &state.metrics)
         .await?;
     if res.status() == StatusCode::UNAUTHORIZED {
-        let Some(replay) = body.replay() else {
+        let (Some(replay), Some((uri, mut upstream_headers))) = (body.replay(), kept) else {
             state.tokens.invalidate(&user.id, token.generation);
             return Err(ApiError::LibreChatUnauthorized);
         };
@@ -91,7 +91,7 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
         upstream_headers.insert(header::AUTHORIZATION, renewed.authorization.clone());
         res = state
             .upstream
-            .send(parts.method, uri, upstream_headers, replay, &state.metrics)
+            .send(method, uri, upstream_headers, replay, &state.metrics)
             .await?;
         if res.status() == StatusCode::UNAUTHORIZED {
             state.tokens.invalidate(&user.id, renewed.generation);
@@ -143,6 +143,10 @@ impl RequestBody {
             Self::Buffered(b) => Body::from(b.clone()),
             Self::Streaming(b) => b.take().unwrap_or_else(Body::empty),
         }
+    }
+
+    fn replay_possible(&self) -> bool {
+        !matches!(self, Self::Streaming(_))
     }
 
     /// A second copy, if the body was small enough to keep.
