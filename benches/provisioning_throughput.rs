@@ -2,6 +2,7 @@
 //! 1. enqueue → complete with a no-op handler (the queue alone, "no-op LibreChat");
 //! 2. 1,000 users through the real workflow against the fake LibreChat (register, confirm-login,
 //!    logout per user), with the service's own workers.
+//!
 //! Both against a real redis-server on an ephemeral port (started here).
 
 #[path = "../tests/support/mod.rs"]
