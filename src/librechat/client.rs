@@ -180,11 +180,7 @@ impl LibreChatClient {
                     ),
             )
             .await?;
-        if res.status().is_success() {
-            Ok(())
-        } else {
-            Err(failure(res).await)
-        }
+        success(res).await
     }
 
     /// `POST /api/auth/register`. 200 means created OR already existing (indistinguishable).
@@ -203,15 +199,9 @@ impl LibreChatClient {
                 "confirm_password": password,
             })))
             .await?;
-        if res.status().is_success() {
-            Ok(())
-        } else {
-            Err(failure(res).await)
-        }
+        success(res).await
     }
-}
 
-impl LibreChatClient {
     /// `POST /api/auth/requestPasswordReset {email}`: with no email service configured LibreChat
     /// answers `{link}` (contract §6); with one it answers `{message}` (→ `None`).
     pub async fn request_password_reset(
@@ -248,11 +238,16 @@ impl LibreChatClient {
                 "confirm_password": password,
             })))
             .await?;
-        if res.status().is_success() {
-            Ok(())
-        } else {
-            Err(failure(res).await)
-        }
+        success(res).await
+    }
+}
+
+/// `Ok` for a 2xx answer, else the typed failure.
+async fn success(res: reqwest::Response) -> Result<(), LibreChatError> {
+    if res.status().is_success() {
+        Ok(())
+    } else {
+        Err(failure(res).await)
     }
 }
 
