@@ -639,3 +639,33 @@ async fn a_user_without_an_account_is_provisioned_just_in_time() {
     );
     assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_wrong_admin_token_is_403_and_none_is_401() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    let url = format!("{}/admin/jobs?state=dead", bff.base_url);
+    let none = http().get(&url).send().await.expect("send");
+    assert_eq!(none.status(), StatusCode::UNAUTHORIZED);
+    let wrong = http()
+        .get(&url)
+        .bearer_auth("not-the-admin-token-at-all")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
+    let right = http()
+        .get(&url)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(right.status(), StatusCode::OK);
+    let bad_state = http()
+        .get(format!("{}/admin/jobs?state=nope", bff.base_url))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(bad_state.status(), StatusCode::BAD_REQUEST);
+}

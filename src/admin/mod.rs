@@ -41,14 +41,20 @@ impl FromRequestParts<AppState> for AdminCaller {
                 return Ok(AdminCaller);
             }
         }
-        let caller = authenticate(state, parts, false).await?;
-        let group = &state.config.admin.group;
-        if !group.is_empty() && caller.user.groups.iter().any(|g| g == group) {
-            return Ok(AdminCaller);
+        let denied = ApiError::Forbidden("This needs an operator (see admin.group / admin.token).");
+        match authenticate(state, parts, false).await {
+            Ok(caller) => {
+                let group = &state.config.admin.group;
+                if !group.is_empty() && caller.user.groups.iter().any(|g| g == group) {
+                    Ok(AdminCaller)
+                } else {
+                    Err(denied)
+                }
+            }
+            // No credentials at all: 401; the store down: 503; any other credential: 403.
+            Err(e @ (ApiError::Unauthenticated | ApiError::SessionStoreUnavailable)) => Err(e),
+            Err(_) => Err(denied),
         }
-        Err(ApiError::Forbidden(
-            "This needs an operator (see admin.group / admin.token).",
-        ))
     }
 }
 

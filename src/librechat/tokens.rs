@@ -273,10 +273,13 @@ impl TokenManager {
         let result = self.renew_locked(user_id, client, need).await;
         lock.release().await;
         let token = result?;
-        self.cache
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(user_id.to_owned(), token.clone());
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= 10_000 {
+            // Bounded memory: drop expired entries (their users re-acquire from Redis).
+            let now = self.now();
+            cache.retain(|_, t| t.exp > now);
+        }
+        cache.insert(user_id.to_owned(), token.clone());
         Ok(token)
     }
 
