@@ -23,8 +23,8 @@ use crate::{
     identity::{IdentityTokens, VerifiedIdentity},
 };
 
+/// Extra fields (e.g. a "remember me" flag a web app sends) are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     email: Option<String>,
     username: Option<String>,
@@ -73,7 +73,6 @@ pub async fn login(
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
 pub struct ExchangeRequest {
     refresh: Option<String>,
 }
