@@ -360,3 +360,42 @@ async fn doctor_names_disabled_registration_and_its_fix() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "all good now: {stdout}");
 }
+
+#[tokio::test]
+async fn a_worker_process_provisions_and_stops_cleanly_on_sigterm() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let state_bff = w.bff(&[]).await;
+    state_bff
+        .state
+        .provisioner
+        .enqueue(provisioning::ProvisionRequest {
+            user_id: "320".into(),
+            email: "worker@example.com".into(),
+            name: None,
+            source: "test".into(),
+        })
+        .await
+        .expect("enqueue");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_librechat-bff"))
+        .arg("worker")
+        .env("BFF__REDIS__URL", w.redis.url())
+        .env("BFF__REDIS__KEY_PREFIX", w.redis.key_prefix())
+        .env("BFF__CRYPTO__FERNET_KEYS", &w.key)
+        .env("BFF__SESSION__STORE", "redis")
+        .env("BFF__LIBRECHAT__URL", &w.lc.base_url)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("worker");
+    let vault = state_bff.state.vault.clone();
+    wait_for(|| async {
+        let r = vault.get("320").await.ok()??;
+        (r.status == librechat_bff::credentials::vault::CredentialStatus::Ready).then_some(())
+    })
+    .await;
+    assert_eq!(w.lc.user_count(), 1);
+    sigterm(&child);
+    let status = wait_exit(&mut child, 10).await;
+    assert_eq!(status.code(), Some(0));
+}
