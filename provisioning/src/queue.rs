@@ -392,13 +392,25 @@ impl JobQueue {
 
     /// Takes over deliveries idle longer than the visibility timeout (their worker died).
     pub async fn reclaim(&self, consumer: &str, count: usize) -> Result<Vec<Delivery>, QueueError> {
+        Ok(self.reclaim_from(consumer, count, "0-0").await?.0)
+    }
+
+    /// [`JobQueue::reclaim`] from a cursor: XAUTOCLAIM examines a bounded slice of the pending
+    /// list per call, so a worker walks it with the returned cursor (back to `0-0` at the end)
+    /// instead of rescanning the same head every time.
+    pub async fn reclaim_from(
+        &self,
+        consumer: &str,
+        count: usize,
+        cursor: &str,
+    ) -> Result<(Vec<Delivery>, String), QueueError> {
         let mut conn = self.conn().await?;
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(self.stream())
             .arg(GROUP)
             .arg(consumer)
             .arg(self.cfg.visibility_timeout.as_millis() as u64)
-            .arg("0-0")
+            .arg(cursor)
             .arg("COUNT")
             .arg(count)
             .query_async(&mut conn)
@@ -409,7 +421,7 @@ impl JobQueue {
             tracing::info!(entry = %entry.id, job = ?job_id, "reclaimed a job from a silent worker");
             out.extend(self.deliver(entry.id, job_id).await?);
         }
-        Ok(out)
+        Ok((out, reply.next_stream_id))
     }
 
     async fn deliver(

@@ -64,6 +64,7 @@ impl Worker {
         let mut reader = None;
         let mut last_maintenance: Option<Instant> = None;
         let mut pause = Duration::from_millis(100);
+        let mut reclaim_cursor = "0-0".to_owned();
         tracing::info!(consumer = %self.consumer, concurrency = self.concurrency, "provisioning worker started");
         // A dropped sender also means stop (otherwise `changed()` returns at once, forever).
         while !*shutdown.borrow() && shutdown.has_changed().is_ok() {
@@ -74,7 +75,12 @@ impl Worker {
                     self.queue.promote_due().await?;
                     let free = permits.available_permits();
                     if free > 0 {
-                        for d in self.queue.reclaim(&self.consumer, free).await? {
+                        let (claimed, next) = self
+                            .queue
+                            .reclaim_from(&self.consumer, free, &reclaim_cursor)
+                            .await?;
+                        reclaim_cursor = next;
+                        for d in claimed {
                             self.spawn(&mut tasks, &permits, d).await;
                         }
                     }
