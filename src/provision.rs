@@ -173,7 +173,13 @@ pub struct Provisioner {
     caller: ClientInfo,
     concurrency: usize,
     metrics: Arc<Metrics>,
+    /// When `ensure` last ran per user: a user hammering `/api/chat/*` while pending (or whose
+    /// repair keeps failing) costs one check per interval, not one per request.
+    recent: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
 }
+
+/// `ensure` runs at most once per user per this interval in one process.
+const ENSURE_INTERVAL: Duration = Duration::from_secs(30);
 
 impl std::fmt::Debug for Provisioner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -218,6 +224,7 @@ impl Provisioner {
             },
             concurrency: p.concurrency,
             metrics,
+            recent: Arc::default(),
         }
     }
 
@@ -256,6 +263,20 @@ impl Provisioner {
     /// Just in time: make sure a user without a usable LibreChat account has a job. Cheap when
     /// one is already queued (the queue is idempotent per user).
     pub async fn ensure(&self, user: &UserInfo, source: &str) -> Result<(), ProvisionError> {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let now = std::time::Instant::now();
+            if recent
+                .get(&user.id)
+                .is_some_and(|t| now.duration_since(*t) < ENSURE_INTERVAL)
+            {
+                return Ok(());
+            }
+            if recent.len() > 10_000 {
+                recent.retain(|_, t| now.duration_since(*t) < ENSURE_INTERVAL);
+            }
+            recent.insert(user.id.clone(), now);
+        }
         let record = self.vault.get(&user.id).await?;
         let (email, name) = match &record {
             Some(r) if r.status == CredentialStatus::Ready => return Ok(()),
