@@ -1,6 +1,7 @@
 # librechat-bff: multi-stage build. The runtime image holds the binary, CA certificates and a
 # non-root user; nothing else.
-FROM rust:1.85-bookworm AS build
+# The toolchain CI builds and tests with.
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY provisioning ./provisioning
