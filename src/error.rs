@@ -50,6 +50,8 @@ pub enum ApiError {
     ProvisioningPending,
     #[error("the stored LibreChat credential no longer works")]
     CredentialInvalid,
+    #[error("the user is deactivated")]
+    AccountDisabled,
     #[error("LibreChat is rate limiting; retry after {0}s")]
     UpstreamRateLimited(u64),
     #[error("LibreChat has banned this user or address")]
@@ -80,6 +82,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Self::UpstreamRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::AccountDisabled => StatusCode::FORBIDDEN,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +107,7 @@ impl ApiError {
             Self::LibreChatTimeout => "librechat_timeout",
             Self::ProvisioningPending => "provisioning_pending",
             Self::CredentialInvalid => "librechat_credential_invalid",
+            Self::AccountDisabled => "account_disabled",
             Self::UpstreamRateLimited(_) => "librechat_rate_limited",
             Self::UpstreamBanned => "librechat_banned",
             Self::Internal => "internal_error",
@@ -150,6 +154,7 @@ impl ApiError {
                 "The chat account's stored credential no longer works; an operator must repair it."
                     .into()
             }
+            Self::AccountDisabled => "This account has been deactivated.".into(),
             Self::UpstreamRateLimited(s) => {
                 format!("LibreChat is rate limiting; retry after {s} seconds.")
             }
@@ -236,6 +241,7 @@ impl From<crate::librechat::TokenError> for ApiError {
         match e {
             E::ProvisioningPending => Self::ProvisioningPending,
             E::CredentialInvalid => Self::CredentialInvalid,
+            E::Disabled => Self::AccountDisabled,
             E::RateLimited(d) => Self::UpstreamRateLimited(d.as_secs().max(1)),
             E::Banned => Self::UpstreamBanned,
             E::Unavailable(m) => {

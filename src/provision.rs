@@ -63,7 +63,8 @@ impl AccountBackend for VaultAccounts {
                 password,
                 drifted: false,
             },
-            CredentialStatus::Drifted | CredentialStatus::Conflict => {
+            // A re-registered disabled user: the account exists; confirm (or reset) the password.
+            CredentialStatus::Drifted | CredentialStatus::Conflict | CredentialStatus::Disabled => {
                 StoredCredential::Unconfirmed {
                     password,
                     drifted: true,
@@ -280,8 +281,16 @@ impl Provisioner {
         let record = self.vault.get(&user.id).await?;
         let (email, name) = match &record {
             Some(r) if r.status == CredentialStatus::Ready => return Ok(()),
-            // A conflict needs an operator (see the runbook); re-running cannot fix it.
-            Some(r) if r.status == CredentialStatus::Conflict => return Ok(()),
+            // A conflict needs an operator (see the runbook); re-running cannot fix it. A
+            // disabled user comes back only when registered again explicitly.
+            Some(r)
+                if matches!(
+                    r.status,
+                    CredentialStatus::Conflict | CredentialStatus::Disabled
+                ) =>
+            {
+                return Ok(())
+            }
             Some(r) => (r.email.clone(), r.name.clone()),
             None => (
                 user.email.clone().ok_or(ProvisionError::NoEmail)?,

@@ -537,6 +537,24 @@ async fn the_webhook_is_signed_fresh_and_deactivation_revokes_sessions() {
     );
     assert_eq!(w.lc.logout_calls(), 1, "the LibreChat login is ended too");
     assert_eq!(w.lc.session_count(&email), 0);
+    // Until registered again, the (still unexpired) identity JWT gets no LibreChat access.
+    let bearer = w.bearer(210);
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"], "account_disabled");
+
+    let again = json!({"event": "user.created", "user": {"id": "210", "email": email}});
+    assert_eq!(
+        hook(&bff, &again, now, HOOK_SECRET).await,
+        StatusCode::ACCEPTED
+    );
+    let workers = Workers::start(&bff, 1);
+    wait_state(&bff, "210", "ready").await;
+    workers.stop().await;
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
 }
 
 #[tokio::test]

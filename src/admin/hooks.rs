@@ -17,7 +17,9 @@ use serde_json::json;
 use sha2::Sha256;
 
 use super::ops::{self, NewUser};
-use crate::{app::AppState, error::ApiError, extract::parse_json};
+use crate::{
+    app::AppState, credentials::vault::CredentialStatus, error::ApiError, extract::parse_json,
+};
 
 #[derive(Deserialize)]
 struct HookEvent {
@@ -109,6 +111,15 @@ pub async fn users(
                 .into_response())
         }
         "user.deactivated" => {
+            state
+                .vault
+                .set_status(
+                    &user_id,
+                    CredentialStatus::Disabled,
+                    Some("deactivated by the identity service".into()),
+                )
+                .await
+                .map_err(|e| ApiError::from(ops::OpsError::from(e)))?;
             let revoked = state.sessions.revoke_all(&user_id).await?;
             if let Err(e) = state
                 .tokens

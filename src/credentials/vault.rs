@@ -21,6 +21,9 @@ pub enum CredentialStatus {
     Drifted,
     /// The account exists with another password and cannot be recovered automatically.
     Conflict,
+    /// The identity service deactivated the user: no LibreChat access until they are
+    /// registered again (webhook `user.created`/`user.updated`, admin API, CLI).
+    Disabled,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

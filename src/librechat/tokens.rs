@@ -35,6 +35,8 @@ pub enum TokenError {
     ProvisioningPending,
     #[error("the stored LibreChat credential no longer works")]
     CredentialInvalid,
+    #[error("the user is deactivated")]
+    Disabled,
     #[error("LibreChat rate limit; retry after {}s", .0.as_secs())]
     RateLimited(Duration),
     #[error("LibreChat has banned this user or address")]
@@ -335,6 +337,7 @@ impl TokenManager {
         match record.status {
             CredentialStatus::Ready => {}
             CredentialStatus::Provisioning => return Err(TokenError::ProvisioningPending),
+            CredentialStatus::Disabled => return Err(TokenError::Disabled),
             CredentialStatus::Drifted | CredentialStatus::Conflict => {
                 return Err(TokenError::CredentialInvalid)
             }
