@@ -543,3 +543,92 @@ async fn a_401_from_librechat_renews_the_token_and_replays_small_requests() {
     let (status, _) = get_json(&bff, "/api/chat/convos", &bearer).await;
     assert_eq!(status, StatusCode::OK, "the next request re-acquires");
 }
+
+#[tokio::test]
+async fn bodies_over_the_cap_are_413() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[("BFF__LIBRECHAT__MAX_REQUEST_BODY_BYTES", "1000".to_string())])
+        .await;
+    w.user(&bff, 20).await;
+    let res = http()
+        .post(format!("{}/api/chat/convos/update", bff.base_url))
+        .bearer_auth(w.bearer(20))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body("x".repeat(5000))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"], "payload_too_large");
+    assert!(w.lc.requests().iter().all(|r| !r.path.contains("update")));
+}
+
+#[tokio::test]
+async fn librechat_too_slow_to_answer_is_504() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[(
+            "BFF__LIBRECHAT__RESPONSE_HEADER_TIMEOUT_SECS",
+            "1".to_string(),
+        )])
+        .await;
+    w.user(&bff, 21).await;
+    let bearer = w.bearer(21);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    w.lc.set_latency(Duration::from_secs(3));
+    let started = Instant::now();
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body["error"], "librechat_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "cut at the 1 s timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_stream_is_cut_after_the_idle_timeout() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[("BFF__LIBRECHAT__STREAM_IDLE_TIMEOUT_SECS", "1".to_string())])
+        .await;
+    w.user(&bff, 22).await;
+    let bearer = w.bearer(22);
+    // The held last frame never comes: LibreChat goes silent mid-stream.
+    let _gate = w.lc.hold_stream_end();
+    let started: Value = http()
+        .post(format!("{}/api/chat/agents/chat/FakeAI", bff.base_url))
+        .bearer_auth(&bearer)
+        .json(&chat_body("then silence"))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let stream_id = started["streamId"].as_str().expect("streamId").to_owned();
+    let res = http()
+        .get(format!(
+            "{}/api/chat/agents/chat/stream/{stream_id}",
+            bff.base_url
+        ))
+        .bearer_auth(&bearer)
+        .send()
+        .await
+        .expect("stream");
+    let mut body = res.bytes_stream();
+    let drained = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut cut = false;
+        while let Some(chunk) = body.next().await {
+            cut |= chunk.is_err();
+        }
+        cut
+    })
+    .await;
+    assert_eq!(drained, Ok(true), "cut with an error well before 10 s");
+}
