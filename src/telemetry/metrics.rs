@@ -61,7 +61,7 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<GroupLabels, Histogram, fn() -> Histogram>,
+    pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub upstream_duration: Family<GroupLabels, Histogram, fn() -> Histogram>,
     pub upstream_errors: Family<KindLabels, Counter>,
     pub librechat_auth: Family<AuthLabels, Counter>,
@@ -114,7 +114,7 @@ impl Metrics {
         );
         registry.register(
             "http_request_duration_seconds",
-            "Time to response headers, by route group (stream bodies excluded)",
+            "Time to response headers, by route group and status (stream bodies excluded)",
             m.request_duration.clone(),
         );
         registry.register(

@@ -11,7 +11,7 @@ use axum::{
 };
 use tracing::Instrument;
 
-use super::metrics::{route_group, GroupLabels, RequestLabels};
+use super::metrics::{route_group, RequestLabels};
 use crate::{app::AppState, proxy::headers};
 
 pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -31,18 +31,15 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
     let status = res.status().as_u16();
     res.headers_mut()
         .insert(headers::X_REQUEST_ID.clone(), request_id);
-    state
-        .metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route_group: group,
-            status,
-        })
-        .inc();
+    let labels = RequestLabels {
+        route_group: group,
+        status,
+    };
+    state.metrics.requests.get_or_create(&labels).inc();
     state
         .metrics
         .request_duration
-        .get_or_create(&GroupLabels { route_group: group })
+        .get_or_create(&labels)
         .observe(elapsed.as_secs_f64());
     span.in_scope(|| {
         tracing::info!(status, elapsed_ms = elapsed.as_millis() as u64, "request");
