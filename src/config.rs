@@ -331,15 +331,19 @@ impl Config {
         self.listen_addr()?;
         self.trusted_proxies()?;
         let url = self.redis.url.expose();
+        if url.starts_with("rediss://") || url.starts_with("redis+sentinel") {
+            // Not built in (yet): fail here, with the reason, rather than at the first request.
+            return Err(invalid(
+                "redis.url",
+                "TLS (rediss://) and Sentinel URLs are not supported: use a redis:// or unix:// \
+                 endpoint (e.g. a local TLS-terminating or Sentinel-aware proxy)",
+            ));
+        }
         if !(url.starts_with("redis://")
-            || url.starts_with("rediss://")
             || url.starts_with("redis+unix://")
             || url.starts_with("unix://"))
         {
-            return Err(invalid(
-                "redis.url",
-                "must start with redis://, rediss:// or unix://",
-            ));
+            return Err(invalid("redis.url", "must start with redis:// or unix://"));
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
             return Err(invalid(

@@ -104,6 +104,10 @@ fn bad_values_name_the_key_and_the_reason() {
             "session.idle_timeout_secs",
         ),
         (&[("BFF__REDIS__URL", "http://localhost")], "redis.url"),
+        (
+            &[("BFF__REDIS__URL", "rediss://cache.example.com:6380")],
+            "redis.url",
+        ),
     ];
     for (env, key) in cases {
         let msg = error_text(load(env));
