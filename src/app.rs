@@ -167,7 +167,7 @@ pub fn router(state: AppState) -> Router {
             telemetry::middleware::observe,
         ))
         .layer(CatchPanicLayer::custom(|_| {
-            error::ApiError::Internal.into_response_boxed()
+            axum::response::IntoResponse::into_response(error::ApiError::Internal)
         }))
         .with_state(state)
 }

@@ -228,13 +228,6 @@ impl From<crate::session::SessionError> for ApiError {
     }
 }
 
-impl ApiError {
-    /// For layers that need a concrete response type (panic handler).
-    pub fn into_response_boxed(self) -> Response {
-        self.into_response()
-    }
-}
-
 impl From<crate::librechat::TokenError> for ApiError {
     fn from(e: crate::librechat::TokenError) -> Self {
         use crate::librechat::TokenError as E;
