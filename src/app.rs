@@ -105,7 +105,7 @@ impl AppState {
             })?;
         let provisioner = Provisioner::new(
             &config,
-            redis.client().clone(),
+            redis.clone(),
             vault.clone(),
             LibreChatClient::new(&config.librechat),
             browser_user_agent.clone(),

@@ -331,19 +331,23 @@ impl Config {
         self.listen_addr()?;
         self.trusted_proxies()?;
         let url = self.redis.url.expose();
-        if url.starts_with("rediss://") || url.starts_with("redis+sentinel") {
+        if url.starts_with("rediss://") {
             // Not built in (yet): fail here, with the reason, rather than at the first request.
             return Err(invalid(
                 "redis.url",
-                "TLS (rediss://) and Sentinel URLs are not supported: use a redis:// or unix:// \
-                 endpoint (e.g. a local TLS-terminating or Sentinel-aware proxy)",
+                "TLS (rediss://) is not supported: use redis://, unix:// or redis+sentinel:// \
+                 (e.g. through a local TLS-terminating proxy)",
             ));
         }
         if !(url.starts_with("redis://")
             || url.starts_with("redis+unix://")
-            || url.starts_with("unix://"))
+            || url.starts_with("unix://")
+            || url.starts_with("redis+sentinel://"))
         {
-            return Err(invalid("redis.url", "must start with redis:// or unix://"));
+            return Err(invalid(
+                "redis.url",
+                "must start with redis://, unix:// or redis+sentinel://",
+            ));
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
             return Err(invalid(

@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     credentials::vault::{CredentialStatus, CredentialVault, Password, VaultError},
     librechat::{LibreChatClient, LibreChatError},
+    redis_conn::RedisHandle,
     session::UserInfo,
     telemetry::metrics::{Metrics, OutcomeLabels},
 };
@@ -191,15 +192,15 @@ impl std::fmt::Debug for Provisioner {
 impl Provisioner {
     pub fn new(
         config: &Config,
-        redis_client: redis::Client,
+        redis: RedisHandle,
         vault: CredentialVault,
         client: LibreChatClient,
         browser_user_agent: HeaderValue,
         metrics: Arc<Metrics>,
     ) -> Self {
         let p = &config.provisioning;
-        let queue = JobQueue::new(
-            redis_client,
+        let queue = JobQueue::with_source(
+            Arc::new(redis),
             QueueConfig {
                 prefix: config.redis.key_prefix.clone(),
                 visibility_timeout: Duration::from_secs(p.visibility_timeout_secs),

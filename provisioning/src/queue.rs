@@ -117,11 +117,49 @@ pub struct Delivery {
     pub entry_id: String,
 }
 
+/// Where the queue gets its Redis connections. The service passes its own handle (which follows
+/// a Sentinel failover); [`redis::Client`] works as is.
+#[async_trait::async_trait]
+pub trait RedisSource: Send + Sync + 'static {
+    /// The shared, auto-reconnecting connection.
+    async fn manager(&self) -> redis::RedisResult<ConnectionManager>;
+    /// A client for the current master (dedicated connections are opened from it).
+    async fn client(&self) -> redis::RedisResult<redis::Client>;
+}
+
+/// A plain client: one endpoint, connected on first use.
+struct DirectSource {
+    client: redis::Client,
+    manager: tokio::sync::OnceCell<ConnectionManager>,
+}
+
+#[async_trait::async_trait]
+impl RedisSource for DirectSource {
+    async fn manager(&self) -> redis::RedisResult<ConnectionManager> {
+        let manager = self
+            .manager
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(Duration::from_secs(5)))
+                    .set_number_of_retries(2);
+                ConnectionManager::new_with_config(self.client.clone(), config).await
+            })
+            .await?;
+        Ok(manager.clone())
+    }
+
+    async fn client(&self) -> redis::RedisResult<redis::Client> {
+        Ok(self.client.clone())
+    }
+}
+
 #[derive(Clone)]
 pub struct JobQueue {
-    client: redis::Client,
-    /// Shared, auto-reconnecting; connected on first use so the service starts without Redis.
-    manager: Arc<tokio::sync::OnceCell<ConnectionManager>>,
+    source: Arc<dyn RedisSource>,
+    /// Whether the consumer group is known to exist (checked once per process; a vanished group
+    /// is recreated by `read`).
+    group_ready: Arc<tokio::sync::OnceCell<()>>,
     cfg: QueueConfig,
     tag: String,
 }
@@ -227,31 +265,34 @@ fn now_ms() -> u64 {
 impl JobQueue {
     /// A queue on `client`; nothing is contacted until first use.
     pub fn new(client: redis::Client, cfg: QueueConfig) -> Self {
+        Self::with_source(
+            Arc::new(DirectSource {
+                client,
+                manager: tokio::sync::OnceCell::new(),
+            }),
+            cfg,
+        )
+    }
+
+    /// A queue on connections from `source`.
+    pub fn with_source(source: Arc<dyn RedisSource>, cfg: QueueConfig) -> Self {
         let tag = format!("{{{}:prov}}", cfg.prefix);
         Self {
-            client,
-            manager: Arc::new(tokio::sync::OnceCell::new()),
+            source,
+            group_ready: Arc::new(tokio::sync::OnceCell::new()),
             cfg,
             tag,
         }
     }
 
-    /// The shared connection; the first one also makes sure the consumer group exists.
+    /// The shared connection; the first use also makes sure the consumer group exists.
     async fn conn(&self) -> Result<ConnectionManager, QueueError> {
-        let manager = self
-            .manager
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(5)))
-                    .set_number_of_retries(2);
-                let mut conn =
-                    ConnectionManager::new_with_config(self.client.clone(), config).await?;
-                create_group(&mut conn, &self.stream()).await?;
-                Ok::<_, QueueError>(conn)
-            })
+        let conn = self.source.manager().await?;
+        let stream = self.stream();
+        self.group_ready
+            .get_or_try_init(|| async { create_group(&mut conn.clone(), &stream).await })
             .await?;
-        Ok(manager.clone())
+        Ok(conn)
     }
 
     pub fn config(&self) -> &QueueConfig {
@@ -385,7 +426,9 @@ impl JobQueue {
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(None);
         Ok(self
-            .client
+            .source
+            .client()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
     }
