@@ -99,7 +99,8 @@ async fn sessions_follow_the_master_through_a_sentinel_failover() {
     eventually(20, "the replica to sync", || async {
         let info = query(master.port(), &["INFO", "replication"]).await?;
         let text = redis::from_redis_value::<String>(info).ok()?;
-        text.contains("connected_slaves:1").then_some(())
+        // Connected is not enough: the initial sync must be done.
+        text.contains("state=online").then_some(())
     })
     .await;
     eventually(20, "the sentinel to know the master", || async {
@@ -147,7 +148,11 @@ async fn sessions_follow_the_master_through_a_sentinel_failover() {
     assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
     // The session reached the replica before the master goes away, and Sentinel knows the
     // replica (it learns replicas from the master's INFO; without one it cannot fail over).
-    query(master.port(), &["WAIT", "1", "2000"]).await;
+    eventually(20, "the replica to acknowledge the session", || async {
+        let acked = query(master.port(), &["WAIT", "1", "500"]).await?;
+        (redis::from_redis_value::<i64>(acked).ok()? >= 1).then_some(())
+    })
+    .await;
     let replica = format!("127.0.0.1:{replica_port}");
     eventually(30, "the sentinel to know the replica", || async {
         let v = query(sentinel_port, &["SENTINEL", "replicas", "mymaster"]).await?;
