@@ -13,6 +13,7 @@ use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
 use support::{
     fake_librechat::{FakeLibreChat, FakeLibreChatOptions},
+    wait::{eventually, free_port},
     world::{chat_body, get_json, http, World, ID_PASSWORD},
 };
 use tokio::sync::watch;
@@ -103,10 +104,16 @@ async fn metrics_show_every_family_after_an_end_to_end_run() {
     };
     add("302", "bad@@example.com").await.expect("add");
     let queue = bff.state.provisioner.queue.clone();
-    wait_for(|| async { queue.sizes().await.ok().filter(|s| s.2 == 1) }).await;
+    eventually(20, "the dead-lettered job", || async {
+        queue.sizes().await.ok().filter(|s| s.2 == 1)
+    })
+    .await;
     w.lc.go_down().await;
     add("303", "down@example.com").await.expect("add");
-    wait_for(|| async { queue.sizes().await.ok().filter(|s| s.1 == 1) }).await;
+    eventually(20, "the delayed job", || async {
+        queue.sizes().await.ok().filter(|s| s.1 == 1)
+    })
+    .await;
     let _ = tx.send(true);
     let _ = worker.await;
     add("304", "later@example.com").await.expect("add");
@@ -146,28 +153,6 @@ async fn metrics_show_every_family_after_an_end_to_end_run() {
     assert!(text.contains(r#"bff_sessions_total{event="revoked"}"#));
 }
 
-async fn wait_for<T, F, Fut>(mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// The real binary, configured by environment against this test's world.
 fn spawn_bff(w: &World, port: u16, extra: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_librechat-bff"));
@@ -194,7 +179,7 @@ fn spawn_bff(w: &World, port: u16, extra: &[(&str, &str)]) -> Child {
 }
 
 async fn wait_healthy(base: &str) {
-    wait_for(|| async {
+    eventually(20, "the binary to answer /healthz", || async {
         let r = http().get(format!("{base}/healthz")).send().await.ok()?;
         (r.status() == StatusCode::OK).then_some(())
     })
@@ -270,7 +255,7 @@ async fn sigterm_lets_an_open_stream_finish_then_exits_zero() {
 
     sigterm(&child);
     // New connections are refused once the signal is handled...
-    wait_for(|| async {
+    eventually(20, "new connections to be refused", || async {
         http()
             .get(format!("{base}/healthz"))
             .send()
@@ -389,7 +374,7 @@ async fn a_worker_process_provisions_and_stops_cleanly_on_sigterm() {
         .spawn()
         .expect("worker");
     let vault = state_bff.state.vault.clone();
-    wait_for(|| async {
+    eventually(20, "the user to be ready", || async {
         let r = vault.get("320").await.ok()??;
         (r.status == librechat_bff::credentials::vault::CredentialStatus::Ready).then_some(())
     })

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::{future::Future, time::Duration};
+use std::time::Duration;
 
 use librechat_bff::{admin::hooks::sign, credentials::vault::CredentialStatus};
 use provisioning::{JobState, ProvisionRequest};
@@ -13,6 +13,7 @@ use support::{
     bff::TestBff,
     fake_idp::FakeUser,
     fake_librechat::FakeLibreChatOptions,
+    wait::eventually,
     world::{get_json, http, World, ID_PASSWORD},
 };
 use tokio::sync::watch;
@@ -29,25 +30,6 @@ fn settings(extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
     ];
     env.extend(extra.iter().cloned());
     env
-}
-
-/// Polls `check` until it yields `Some`, failing after `secs`.
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 struct Workers(watch::Sender<bool>, Vec<tokio::task::JoinHandle<()>>);

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::{process::Stdio, time::Duration};
+use std::process::Stdio;
 
 use librechat_bff::credentials::KeyRing;
 use reqwest::StatusCode;
@@ -11,33 +11,9 @@ use support::{
     bff::{config, TestBff},
     fake_idp::{FakeIdp, FakeIdpOptions, FakeUser},
     redis::RedisServer,
+    wait::{eventually, free_port},
 };
 use tokio::process::{Child, Command};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-async fn eventually<T, F, Fut>(secs: u64, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 async fn query(port: u16, args: &[&str]) -> Option<redis::Value> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;

@@ -6,4 +6,5 @@ pub mod bff;
 pub mod fake_idp;
 pub mod fake_librechat;
 pub mod redis;
+pub mod wait;
 pub mod world;
