@@ -5,7 +5,7 @@ use std::{ops::Deref, sync::Arc, time::Duration};
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
     middleware,
-    routing::{any, delete, get, post},
+    routing::{delete, get, post},
     Router,
 };
 use tower_http::{
@@ -21,12 +21,13 @@ use crate::{
     credentials::{vault::CredentialVault, CryptoError, KeyRing},
     error, health,
     identity::{IdentityClient, IdentityVerifier},
-    librechat::{LibreChatClient, TokenManager},
+    librechat::{service_account::ServiceAccount, LibreChatClient, TokenManager},
     provision::Provisioner,
     proxy::{self, Upstream},
     redis_conn::RedisHandle,
     session::{self, csrf::CsrfPolicy, BffSessionStore, RedisSessionStore, SessionRegistry},
     telemetry::{self, metrics::Metrics},
+    throttle::LoginThrottle,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,18 @@ pub struct AppInner {
     pub metrics: Arc<Metrics>,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub browser_user_agent: HeaderValue,
+    /// Failed sign-ins per address and per account (Redis when sessions are, else memory).
+    pub login_throttle: LoginThrottle,
+    /// Tasks that live as long as the state (ended when it is dropped).
+    background: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for AppInner {
+    fn drop(&mut self) {
+        for task in &self.background {
+            task.abort();
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -97,12 +110,22 @@ impl AppState {
             Duration::from_secs(config.librechat.token_refresh_skew_secs),
             metrics.clone(),
         );
+        // Revocations published by any replica reach this one's token cache within moments.
+        let background = tokio::runtime::Handle::try_current()
+            .map(|_| vec![tokens.listen_for_revocations().abort_handle()])
+            .unwrap_or_default();
         let upstream = Upstream::new(&config.librechat)?;
         let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
             .map_err(|_| ConfigError::Invalid {
                 key: "librechat.browser_user_agent".into(),
                 reason: "not a header value".into(),
             })?;
+        let service_account = Arc::new(ServiceAccount::new(
+            redis.clone(),
+            keyring.clone(),
+            vault.clone(),
+            &config.provisioning.service_account_email,
+        ));
         let provisioner = Provisioner::new(
             &config,
             redis.clone(),
@@ -110,9 +133,16 @@ impl AppState {
             LibreChatClient::new(&config.librechat),
             browser_user_agent.clone(),
             metrics.clone(),
+            service_account,
         );
         let csrf = CsrfPolicy::new(&config.csrf);
         let trusted_proxies = config.trusted_proxies()?;
+        let login_throttle = LoginThrottle::new(
+            &config.login_throttle,
+            config.session.store,
+            redis.clone(),
+            clock.clone(),
+        );
         Ok(Self(Arc::new(AppInner {
             config,
             clock,
@@ -129,6 +159,8 @@ impl AppState {
             metrics,
             trusted_proxies,
             browser_user_agent,
+            login_throttle,
+            background,
         })))
     }
 }
@@ -147,20 +179,34 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/users", post(admin::add_user))
         .route("/admin/users/{id}", get(admin::show_user))
         .route("/admin/users/{id}/sessions", delete(admin::revoke_sessions))
+        .route("/admin/users/{id}/deactivate", post(admin::deactivate_user))
         .route("/admin/jobs", get(admin::list_jobs))
         .route("/admin/jobs/{id}/retry", post(admin::retry_job))
         .route("/hooks/users", post(admin::hooks::users))
-        // The product: LibreChat's /api/* as the signed-in user (src/proxy/mod.rs).
-        .route("/api/chat/{*path}", any(proxy::forward))
+        // The product: LibreChat's /api/* as the signed-in user (src/proxy/mod.rs). Only these
+        // methods are forwarded (GET covers HEAD); TRACE, CONNECT, WebDAV's... answer 405.
+        .route(
+            "/api/chat/{*path}",
+            get(proxy::forward)
+                .post(proxy::forward)
+                .put(proxy::forward)
+                .patch(proxy::forward)
+                .delete(proxy::forward)
+                .options(proxy::forward),
+        )
         // Anything else: JSON 404.
         .fallback(error::not_found);
     if state.config.telemetry.metrics_on_main_listener {
         app = app.route("/metrics", get(health::metrics));
     }
     app
+        // A known route, another method: JSON 405 (axum adds `Allow`). After every route.
+        .method_not_allowed_fallback(method_not_allowed)
         // Cookie sessions (loaded lazily: only routes that read the session touch the store).
         .layer(session_layer(&state))
         .layer(cors_layer(&state.csrf))
+        // Any error the BFF answers itself (axum's rejections too) in the JSON problem shape.
+        .layer(middleware::map_response(problem_shape))
         // Request id, log span and request metrics for everything above.
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -176,7 +222,87 @@ pub fn router(state: AppState) -> Router {
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(health::metrics))
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::map_response(problem_shape))
         .with_state(state)
+}
+
+async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::MethodNotAllowed
+}
+
+/// Rewrites an error response the BFF produced without the JSON problem shape (axum's 405 has
+/// no body; its body-limit 413 and Query/Path rejections are plain text) into
+/// `{"error","message"}`, keeping status and headers (`Allow`, `Retry-After`, ...). LibreChat's
+/// own answers (marked [`proxy::Proxied`]) pass as they are.
+async fn problem_shape(res: axum::response::Response) -> axum::response::Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.starts_with("application/json") || ct.contains("+json")
+        });
+    if status.as_u16() < 400 || is_json || res.extensions().get::<proxy::Proxied>().is_some() {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    // A client error's text (axum's rejection) says what was wrong; a server error's stays ours.
+    let detail = if status.is_client_error() {
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 1024))
+            .await
+            .ok()
+            .and_then(|c| String::from_utf8(c.to_bytes().to_vec()).ok())
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    } else {
+        None
+    };
+    let (code, generic) = problem_code(status);
+    let message = detail.unwrap_or_else(|| generic.to_owned());
+    let (shaped, body) = error::problem(status, code, &message).into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    for (name, value) in &shaped.headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    axum::response::Response::from_parts(parts, body)
+}
+
+/// Code and message for an error status the BFF produced without saying more.
+fn problem_code(status: axum::http::StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("bad_request", "The request is not valid."),
+        401 => ("unauthenticated", "Sign in first."),
+        403 => ("forbidden", "This is not allowed."),
+        404 => ("not_found", "No such route."),
+        405 => (
+            "method_not_allowed",
+            "This route does not accept that method.",
+        ),
+        408 => ("request_timeout", "The request did not arrive in time."),
+        411 => ("length_required", "The request needs a Content-Length."),
+        413 => ("payload_too_large", "The request body is too large."),
+        414 => ("uri_too_long", "The request URI is too long."),
+        415 => (
+            "unsupported_media_type",
+            "The request body's Content-Type is not accepted.",
+        ),
+        422 => (
+            "unprocessable_entity",
+            "The request body could not be processed.",
+        ),
+        429 => ("too_many_requests", "Too many requests; retry later."),
+        431 => ("headers_too_large", "The request headers are too large."),
+        s if s < 500 => ("bad_request", "The request is not acceptable."),
+        503 => (
+            "service_unavailable",
+            "The service is unavailable; try again shortly.",
+        ),
+        _ => ("internal_error", "Something went wrong on our side."),
+    }
 }
 
 fn session_layer(state: &AppState) -> SessionManagerLayer<BffSessionStore> {

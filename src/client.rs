@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::{
-    extract::{ConnectInfo, FromRequestParts},
+    extract::ConnectInfo,
     http::{header, request::Parts, HeaderMap, HeaderValue},
 };
 use ipnet::IpNet;
@@ -22,26 +22,51 @@ pub struct ClientInfo {
     pub host: Option<HeaderValue>,
 }
 
-impl FromRequestParts<AppState> for ClientInfo {
-    type Rejection = ApiError;
+/// The end user behind this request (the socket peer comes from axum's `ConnectInfo`).
+pub fn client_info_of(parts: &Parts, state: &AppState) -> Result<ClientInfo, ApiError> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .ok_or(ApiError::Internal)?;
+    Ok(client_info(peer, &parts.headers, state))
+}
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .ok_or(ApiError::Internal)?;
-        Ok(client_info(peer, &parts.headers, state))
+/// The end user as the identity service sees them: their address and the User-Agent they sent
+/// (verbatim, or none; not the browser substitute LibreChat gets). Forwarded on sign-in and
+/// refresh so the identity service can log, limit and alert per real client.
+#[derive(Debug, Clone)]
+pub struct EndUser {
+    pub ip: IpAddr,
+    pub user_agent: Option<HeaderValue>,
+}
+
+/// The [`EndUser`] behind this request (the socket peer comes from axum's `ConnectInfo`).
+pub fn end_user_of(parts: &Parts, state: &AppState) -> Result<EndUser, ApiError> {
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .ok_or(ApiError::Internal)?;
+    Ok(EndUser {
+        ip: client_ip(peer, &parts.headers, state),
+        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+    })
+}
+
+/// The end user's address: the socket peer, or behind `server.trusted_proxies` the right-most
+/// untrusted `X-Forwarded-For` entry.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, state: &AppState) -> IpAddr {
+    if is_trusted(peer, &state.trusted_proxies) {
+        end_user_ip(peer, headers, &state.trusted_proxies)
+    } else {
+        peer.to_canonical()
     }
 }
 
 pub fn client_info(peer: IpAddr, headers: &HeaderMap, state: &AppState) -> ClientInfo {
     let trusted = is_trusted(peer, &state.trusted_proxies);
-    let ip = if trusted {
-        end_user_ip(peer, headers, &state.trusted_proxies)
-    } else {
-        peer
-    };
+    let ip = client_ip(peer, headers, state);
     let user_agent = headers
         .get(header::USER_AGENT)
         .filter(|ua| ua.to_str().is_ok_and(is_browser_user_agent))

@@ -2,7 +2,7 @@
 //! environment variables. Unknown keys are errors; secrets may come from `*_file` paths and never
 //! print (see [`Secret`]).
 
-use std::{fmt, net::SocketAddr, path::Path, time::Duration};
+use std::{fmt, net::SocketAddr, path::Path};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize, Serializer};
@@ -66,6 +66,7 @@ pub struct Config {
     pub crypto: CryptoConfig,
     pub session: SessionConfig,
     pub csrf: CsrfConfig,
+    pub login_throttle: LoginThrottleConfig,
     pub identity: IdentityConfig,
     pub librechat: LibreChatConfig,
     pub provisioning: ProvisioningConfig,
@@ -100,6 +101,7 @@ pub struct ProvisioningConfig {
     pub max_backoff_secs: u64,
     pub visibility_timeout_secs: u64,
     pub forwarded_for: String,
+    pub service_account_email: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -141,6 +143,13 @@ pub struct ServerConfig {
     pub listen: String,
     pub trusted_proxies: Vec<String>,
     pub drain_timeout_secs: u64,
+    /// A connection must send a complete request head within this long; it is also the idle
+    /// keep-alive timeout (hyper starts the same clock while waiting for the next request).
+    pub header_read_timeout_secs: u64,
+    /// Connections served at once; further ones wait in the accept backlog for a free slot.
+    pub max_connections: usize,
+    /// A request body (upload) that sends nothing for this long ends with 408.
+    pub request_body_idle_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -176,6 +185,7 @@ pub struct SessionConfig {
     pub idle_timeout_secs: u64,
     pub absolute_lifetime_secs: u64,
     pub slide_interval_secs: u64,
+    pub max_cookie_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -184,6 +194,20 @@ pub struct CsrfConfig {
     pub header_name: String,
     pub header_value: String,
     pub allowed_origins: Vec<String>,
+}
+
+/// Failed sign-ins counted per client address and per account identifier (see
+/// `src/throttle.rs`). A limit of 0 turns that counter off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginThrottleConfig {
+    pub enabled: bool,
+    pub per_address_failures: u32,
+    pub per_address_window_secs: u64,
+    pub per_identifier_failures: u32,
+    pub per_identifier_window_secs: u64,
+    pub max_identifier_bytes: usize,
+    pub memory_max_keys: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -216,6 +240,10 @@ pub struct JwtConfig {
     pub leeway_secs: u64,
     pub issuer: String,
     pub audience: String,
+    pub token_type_claim: String,
+    pub token_type: String,
+    pub require_token_type: bool,
+    pub max_token_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -330,6 +358,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.trusted_proxies()?;
+        self.validate_server()?;
         let url = self.redis.url.expose();
         if url.starts_with("rediss://") {
             // Not built in (yet): fail here, with the reason, rather than at the first request.
@@ -427,6 +456,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_login_throttle()?;
         let id = &self.identity;
         if url::Url::parse(&id.base_url).is_err() {
             return Err(invalid("identity.base_url", "not a URL"));
@@ -469,6 +499,12 @@ impl Config {
                 "must be an IP address",
             ));
         }
+        if !provisioning::is_valid_email(&p.service_account_email) {
+            return Err(invalid(
+                "provisioning.service_account_email",
+                "must be an email address",
+            ));
+        }
         if !self.telemetry.metrics_addr.is_empty()
             && self.telemetry.metrics_addr.parse::<SocketAddr>().is_err()
         {
@@ -488,6 +524,58 @@ impl Config {
         }
         if !self.hooks.secret.is_empty() && self.hooks.secret.expose().len() < 16 {
             return Err(invalid("hooks.secret", "must be at least 16 characters"));
+        }
+        Ok(())
+    }
+
+    fn validate_login_throttle(&self) -> Result<(), ConfigError> {
+        let t = &self.login_throttle;
+        for (key, limit, window) in [
+            (
+                "login_throttle.per_address_window_secs",
+                t.per_address_failures,
+                t.per_address_window_secs,
+            ),
+            (
+                "login_throttle.per_identifier_window_secs",
+                t.per_identifier_failures,
+                t.per_identifier_window_secs,
+            ),
+        ] {
+            if t.enabled && limit > 0 && window == 0 {
+                return Err(invalid(key, "must be > 0 when its failure limit is > 0"));
+            }
+        }
+        if t.max_identifier_bytes == 0 {
+            return Err(invalid(
+                "login_throttle.max_identifier_bytes",
+                "must be > 0",
+            ));
+        }
+        if t.enabled && t.memory_max_keys == 0 {
+            return Err(invalid("login_throttle.memory_max_keys", "must be > 0"));
+        }
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let srv = &self.server;
+        for (key, v) in [
+            (
+                "server.header_read_timeout_secs",
+                srv.header_read_timeout_secs,
+            ),
+            (
+                "server.request_body_idle_timeout_secs",
+                srv.request_body_idle_timeout_secs,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if srv.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be > 0"));
         }
         Ok(())
     }
@@ -572,18 +660,6 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
-    }
-}
-
-impl SessionConfig {
-    pub fn idle_timeout(&self) -> Duration {
-        Duration::from_secs(self.idle_timeout_secs)
-    }
-    pub fn absolute_lifetime(&self) -> Duration {
-        Duration::from_secs(self.absolute_lifetime_secs)
-    }
-    pub fn slide_interval(&self) -> Duration {
-        Duration::from_secs(self.slide_interval_secs)
     }
 }
 

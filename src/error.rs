@@ -54,10 +54,22 @@ pub enum ApiError {
     AccountDisabled,
     #[error("LibreChat is rate limiting; retry after {0}s")]
     UpstreamRateLimited(u64),
+    #[error("the user's email belongs to another user's chat account")]
+    AccountConflict,
+    #[error("{1}")]
+    Conflict(&'static str, String),
     #[error("LibreChat has banned this user or address")]
     UpstreamBanned,
     #[error("internal error")]
     Internal,
+    #[error("too many failed sign-ins; retry after {0}s")]
+    LoginThrottled(u64),
+    #[error("the request body stalled")]
+    RequestTimeout,
+    #[error("the request body is malformed")]
+    MalformedBody,
+    #[error("method not allowed")]
+    MethodNotAllowed,
 }
 
 impl ApiError {
@@ -83,7 +95,12 @@ impl ApiError {
             }
             Self::UpstreamRateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::AccountDisabled => StatusCode::FORBIDDEN,
+            Self::AccountConflict | Self::Conflict(..) => StatusCode::CONFLICT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::LoginThrottled(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::MalformedBody => StatusCode::BAD_REQUEST,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -110,7 +127,13 @@ impl ApiError {
             Self::AccountDisabled => "account_disabled",
             Self::UpstreamRateLimited(_) => "librechat_rate_limited",
             Self::UpstreamBanned => "librechat_banned",
+            Self::AccountConflict => "account_conflict",
+            Self::Conflict(code, _) => code,
             Self::Internal => "internal_error",
+            Self::LoginThrottled(_) => "login_throttled",
+            Self::RequestTimeout => "request_timeout",
+            Self::MalformedBody => "malformed_body",
+            Self::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -161,7 +184,22 @@ impl ApiError {
             Self::UpstreamBanned => {
                 "LibreChat has temporarily banned this user or address; see the runbook.".into()
             }
+            Self::AccountConflict => "Your chat account cannot be set up: its email address \
+                 belongs to another user's chat account. Contact support."
+                .into(),
+            Self::Conflict(_, m) => m.clone(),
             Self::Internal => "Something went wrong on our side.".into(),
+            Self::LoginThrottled(s) => {
+                format!("Too many failed sign-in attempts; retry after {s} seconds.")
+            }
+            Self::RequestTimeout => {
+                "The request body stopped arriving (see server.request_body_idle_timeout_secs)."
+                    .into()
+            }
+            Self::MalformedBody => {
+                "The request body is malformed (broken chunked encoding or cut short).".into()
+            }
+            Self::MethodNotAllowed => "This route does not accept that method.".into(),
         }
     }
 }
@@ -186,7 +224,7 @@ impl IntoResponse for ApiError {
         }
         let retry_after = match self {
             Self::ProvisioningPending => Some(5),
-            Self::UpstreamRateLimited(s) => Some(s),
+            Self::UpstreamRateLimited(s) | Self::LoginThrottled(s) => Some(s),
             _ => None,
         };
         if let Some(secs) = retry_after {
@@ -235,6 +273,8 @@ impl From<crate::librechat::TokenError> for ApiError {
             E::ProvisioningPending => Self::ProvisioningPending,
             E::CredentialInvalid => Self::CredentialInvalid,
             E::Disabled => Self::AccountDisabled,
+            E::Conflict => Self::AccountConflict,
+            E::RejectedFresh => Self::LibreChatUnauthorized,
             E::RateLimited(d) => Self::UpstreamRateLimited(d.as_secs().max(1)),
             E::Banned => Self::UpstreamBanned,
             E::Unavailable(m) => {
@@ -243,6 +283,19 @@ impl From<crate::librechat::TokenError> for ApiError {
             }
             E::Store(m) => {
                 tracing::warn!(error = %m, "store unavailable");
+                Self::SessionStoreUnavailable
+            }
+        }
+    }
+}
+
+impl From<crate::throttle::ThrottleError> for ApiError {
+    fn from(e: crate::throttle::ThrottleError) -> Self {
+        use crate::throttle::ThrottleError as E;
+        match e {
+            E::Throttled(secs) => Self::LoginThrottled(secs),
+            E::Store(m) => {
+                tracing::warn!(error = %m, "login throttle store unavailable");
                 Self::SessionStoreUnavailable
             }
         }

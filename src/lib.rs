@@ -21,3 +21,4 @@ pub mod redis_conn;
 pub mod serve;
 pub mod session;
 pub mod telemetry;
+pub mod throttle;

@@ -93,6 +93,8 @@ enum UsersCommand {
     Show { user_id: String },
     /// Provision a user again (e.g. after fixing a conflict).
     Retry { user_id: String },
+    /// Deactivate a user: no LibreChat access until registered again (`users add`).
+    Deactivate { user_id: String },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +237,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
                     name,
                 },
                 "cli",
+                ops::Reactivation::Lift,
             )
             .await?;
             println!(
@@ -271,6 +274,11 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
                 return Ok(ExitCode::FAILURE);
             }
         },
+        UsersCommand::Deactivate { user_id } => {
+            print_json(
+                &ops::deactivate(&state, &user_id, "deactivated by an operator (CLI)").await?,
+            );
+        }
         UsersCommand::Retry { user_id } => {
             let Some(record) = state.vault.get(&user_id).await? else {
                 eprintln!("no credential for {user_id:?}: use `users add`");
@@ -284,6 +292,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
                     name: record.name,
                 },
                 "cli",
+                ops::Reactivation::Lift,
             )
             .await?;
             println!("job {job}");

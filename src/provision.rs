@@ -7,16 +7,22 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use axum::http::HeaderValue;
 use provisioning::{
-    workflow::BackendError, AccountBackend, Job, JobHandler, JobQueue, LibreChatFailure, Outcome,
-    ProvisionRequest, ProvisionWorkflow, QueueConfig, QueueError, StoredCredential, Worker,
+    normalize_email, workflow::BackendError, AccountBackend, Job, JobHandler, JobQueue,
+    LibreChatFailure, Outcome, ProvisionRequest, ProvisionWorkflow, QueueConfig, QueueError,
+    StoredCredential, Worker,
 };
 use tokio::sync::watch;
 
 use crate::{
     client::ClientInfo,
     config::Config,
-    credentials::vault::{CredentialStatus, CredentialVault, Password, VaultError},
-    librechat::{LibreChatClient, LibreChatError},
+    credentials::vault::{
+        CredentialStatus, CredentialVault, EmailOwner, Password, Refusal, Updated, VaultError,
+    },
+    librechat::{
+        service_account::{ServiceAccount, SERVICE_OWNER},
+        LibreChatClient, LibreChatError,
+    },
     redis_conn::RedisHandle,
     session::UserInfo,
     telemetry::metrics::{Metrics, OutcomeLabels},
@@ -27,6 +33,7 @@ pub struct VaultAccounts {
     vault: CredentialVault,
     client: LibreChatClient,
     caller: ClientInfo,
+    service: Arc<ServiceAccount>,
 }
 
 impl From<VaultError> for BackendError {
@@ -57,20 +64,21 @@ impl AccountBackend for VaultAccounts {
         let Some(record) = self.vault.get(user_id).await? else {
             return Ok(StoredCredential::None);
         };
+        match record.status {
+            CredentialStatus::Ready => return Ok(StoredCredential::Ready),
+            CredentialStatus::Disabled => return Ok(StoredCredential::Disabled),
+            // A conflict recorded before any password was stored: nothing to confirm yet.
+            _ if record.password.is_empty() => return Ok(StoredCredential::None),
+            _ => {}
+        }
         let password = self.vault.password(&record)?.expose().to_owned();
-        Ok(match record.status {
-            CredentialStatus::Ready => StoredCredential::Ready,
-            CredentialStatus::Provisioning => StoredCredential::Unconfirmed {
-                password,
-                drifted: false,
-            },
-            // A re-registered disabled user: the account exists; confirm (or reset) the password.
-            CredentialStatus::Drifted | CredentialStatus::Conflict | CredentialStatus::Disabled => {
-                StoredCredential::Unconfirmed {
-                    password,
-                    drifted: true,
-                }
-            }
+        Ok(StoredCredential::Unconfirmed {
+            password,
+            email: provisioning::normalize_email(&record.email),
+            drifted: matches!(
+                record.status,
+                CredentialStatus::Drifted | CredentialStatus::Conflict
+            ),
         })
     }
 
@@ -78,7 +86,7 @@ impl AccountBackend for VaultAccounts {
         &self,
         request: &ProvisionRequest,
         password: &str,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         let record = self.vault.new_record(
             &request.user_id,
             &request.email,
@@ -86,35 +94,69 @@ impl AccountBackend for VaultAccounts {
             &Password::new(password),
             CredentialStatus::Provisioning,
         );
-        Ok(self.vault.put(&record).await?)
+        if self.vault.create(&record).await? {
+            return Ok(true);
+        }
+        // A passwordless conflict marker may stand there: replace it, never a deactivation.
+        let updated = self
+            .vault
+            .update(&request.user_id, |r| {
+                if r.status != CredentialStatus::Conflict || !r.password.is_empty() {
+                    return Err(Refusal::Disabled);
+                }
+                r.password = record.password.clone();
+                r.email = record.email.clone();
+                r.status = CredentialStatus::Provisioning;
+                r.last_error = None;
+                Ok(())
+            })
+            .await?;
+        Ok(matches!(updated, Updated::Done(_)))
     }
 
     async fn mark_ready(
         &self,
         user_id: &str,
         librechat_user_id: Option<&str>,
-    ) -> Result<(), BackendError> {
-        if let Some(mut record) = self.vault.get(user_id).await? {
-            record.status = CredentialStatus::Ready;
-            record.last_error = None;
-            if let Some(id) = librechat_user_id {
-                record.librechat_user_id = Some(id.to_owned());
-            }
-            record.updated_at = provisioning::queue::now();
-            self.vault.put(&record).await?;
-        }
-        Ok(())
+    ) -> Result<bool, BackendError> {
+        let updated = self
+            .vault
+            .update(user_id, |r| {
+                if r.status == CredentialStatus::Disabled {
+                    return Err(Refusal::Disabled);
+                }
+                r.status = CredentialStatus::Ready;
+                r.last_error = None;
+                if let Some(id) = librechat_user_id {
+                    r.librechat_user_id = Some(id.to_owned());
+                }
+                Ok(())
+            })
+            .await?;
+        Ok(matches!(updated, Updated::Done(_)))
     }
 
-    async fn mark_conflict(&self, user_id: &str, message: &str) -> Result<(), BackendError> {
-        Ok(self
-            .vault
-            .set_status(
-                user_id,
-                CredentialStatus::Conflict,
-                Some(message.to_owned()),
-            )
-            .await?)
+    async fn mark_conflict(
+        &self,
+        user_id: &str,
+        email: &str,
+        message: &str,
+    ) -> Result<(), BackendError> {
+        Ok(record_conflict(&self.vault, user_id, email, message).await?)
+    }
+
+    async fn bind_email(&self, user_id: &str, email: &str) -> Result<Option<String>, BackendError> {
+        if email == self.service.email() {
+            return Ok(Some(display_owner(SERVICE_OWNER)));
+        }
+        Ok(match self.vault.bind_email(email, user_id).await? {
+            EmailOwner::This => None,
+            EmailOwner::Other(owner) => Some(display_owner(&owner)),
+        })
+    }
+
+    async fn prepare_registration(&self) -> Result<(), LibreChatFailure> {
+        self.service.ensure(&self.client, &self.caller).await
     }
 
     async fn register(
@@ -135,6 +177,12 @@ impl AccountBackend for VaultAccounts {
             .login(email, password, &self.caller)
             .await
             .map_err(failure)?;
+        if login.role.as_deref() == Some("ADMIN") {
+            tracing::warn!(
+                librechat_user = ?login.user_id,
+                "a product user's LibreChat account has the ADMIN role (granted outside the BFF?)"
+            );
+        }
         // This confirm-login's session is not needed: log it out so sessions don't pile up.
         if let Err(e) = self
             .client
@@ -175,6 +223,7 @@ pub struct Provisioner {
     caller: ClientInfo,
     concurrency: usize,
     metrics: Arc<Metrics>,
+    service: Arc<ServiceAccount>,
     /// When `ensure` last ran per user: a user hammering `/api/chat/*` while pending (or whose
     /// repair keeps failing) costs one check per interval, not one per request.
     recent: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
@@ -197,6 +246,7 @@ impl Provisioner {
         client: LibreChatClient,
         browser_user_agent: HeaderValue,
         metrics: Arc<Metrics>,
+        service: Arc<ServiceAccount>,
     ) -> Self {
         let p = &config.provisioning;
         let queue = JobQueue::with_source(
@@ -226,6 +276,7 @@ impl Provisioner {
             },
             concurrency: p.concurrency,
             metrics,
+            service,
             recent: Arc::default(),
         }
     }
@@ -241,6 +292,7 @@ impl Provisioner {
             vault: self.vault.clone(),
             client: self.client.clone(),
             caller: self.caller.clone(),
+            service: self.service.clone(),
         };
         Worker::new(
             self.queue.clone(),
@@ -258,8 +310,43 @@ impl Provisioner {
         tokio::spawn(worker.run(shutdown))
     }
 
-    pub async fn enqueue(&self, request: ProvisionRequest) -> Result<(String, bool), QueueError> {
-        self.queue.enqueue(request).await
+    /// Accepts a provisioning job, binding the user's email to them first: LibreChat accounts
+    /// are keyed by email, so an email bound to another identity user is refused here
+    /// ([`ProvisionError::EmailTaken`]) and nothing is queued. A user whose LibreChat account
+    /// exists keeps the email it was created with (LibreChat offers no email change).
+    pub async fn enqueue(
+        &self,
+        mut request: ProvisionRequest,
+    ) -> Result<(String, bool), ProvisionError> {
+        request.email = normalize_email(&request.email);
+        if let Some(record) = self.vault.get(&request.user_id).await? {
+            let stored = normalize_email(&record.email);
+            // A record with a password may have a LibreChat account under its email.
+            if !record.password.is_empty() && !stored.is_empty() && stored != request.email {
+                tracing::info!(
+                    user = %request.user_id,
+                    "email change not propagated: the LibreChat account keeps the email it was created with"
+                );
+                request.email = stored;
+            }
+        }
+        if request.email == self.service.email() {
+            return Err(ProvisionError::EmailTaken {
+                user: request.user_id,
+                owner: "the BFF's LibreChat service account".into(),
+            });
+        }
+        if let EmailOwner::Other(owner) = self
+            .vault
+            .bind_email(&request.email, &request.user_id)
+            .await?
+        {
+            return Err(ProvisionError::EmailTaken {
+                user: request.user_id,
+                owner: display_owner(&owner),
+            });
+        }
+        Ok(self.queue.enqueue(request).await?)
     }
 
     /// Just in time: make sure a user without a usable LibreChat account has a job. Cheap when
@@ -298,14 +385,28 @@ impl Provisioner {
                 user.name.clone(),
             ),
         };
-        let (job, created) = self
+        let enqueued = self
             .enqueue(ProvisionRequest {
                 user_id: user.id.clone(),
-                email,
+                email: email.clone(),
                 name,
                 source: source.to_owned(),
             })
-            .await?;
+            .await;
+        let (job, created) = match enqueued {
+            Err(e @ ProvisionError::EmailTaken { .. }) => {
+                tracing::warn!(user = %user.id, error = %e, "provisioning refused");
+                record_conflict(
+                    &self.vault,
+                    &user.id,
+                    &normalize_email(&email),
+                    &e.to_string(),
+                )
+                .await?;
+                return Err(e);
+            }
+            other => other?,
+        };
         if created {
             tracing::info!(user = %user.id, %job, source, "provisioning job enqueued");
         }
@@ -336,10 +437,56 @@ impl JobHandler for CountedWorkflow {
     }
 }
 
+/// Marks a user's credential `conflict` (sign-in then says so, and just-in-time provisioning
+/// stops retrying); a user with no record yet gets a passwordless one carrying the message.
+async fn record_conflict(
+    vault: &CredentialVault,
+    user_id: &str,
+    email: &str,
+    message: &str,
+) -> Result<(), VaultError> {
+    if vault
+        .set_status(
+            user_id,
+            CredentialStatus::Conflict,
+            Some(message.to_owned()),
+        )
+        .await?
+    {
+        return Ok(());
+    }
+    let mut record = vault.new_record(
+        user_id,
+        email,
+        None,
+        &Password::new(""),
+        CredentialStatus::Conflict,
+    );
+    record.password = String::new();
+    record.last_error = Some(message.to_owned());
+    vault.create(&record).await?;
+    Ok(())
+}
+
+/// How an email binding's owner is named in messages.
+fn display_owner(owner: &str) -> String {
+    if owner == SERVICE_OWNER {
+        "the BFF's LibreChat service account".into()
+    } else {
+        format!("identity user {owner}")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error("the identity token carries no email, which LibreChat needs")]
     NoEmail,
+    #[error(
+        "the email of user {user} is already bound to {owner}, who owns that LibreChat account; \
+         nothing was queued. Find out at the identity service which of the two really owns the \
+         address: the BFF never moves a LibreChat account between users"
+    )]
+    EmailTaken { user: String, owner: String },
     #[error(transparent)]
     Vault(#[from] VaultError),
     #[error(transparent)]

@@ -1,14 +1,21 @@
-//! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain.
+//! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain. The HTTP server is a
+//! hand-written accept loop over hyper (header read timeout, connection cap, TCP_NODELAY).
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use std::future::IntoFuture;
-
-use tokio::{net::TcpListener, sync::watch};
+use axum::{body::Body, extract::ConnectInfo, Router};
+use hyper::{body::Incoming, server::conn::http1};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{watch, OwnedSemaphorePermit, Semaphore},
+    task::JoinSet,
+};
+use tower::ServiceExt;
 
 use crate::{
     app::{router, AppState, StartupError},
-    config::{Config, SessionStoreKind},
+    config::{Config, ServerConfig, SessionStoreKind},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -63,26 +70,15 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
         .provisioning
         .workers_in_serve
         .then(|| state.provisioner.spawn_worker(stop_rx.clone()));
-    let metrics_state = state.clone();
-    let app = router(state);
-    let mut server_stop = stop_rx.clone();
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = server_stop.wait_for(|stop| *stop).await;
-    });
-    let metrics_server = match state_metrics_listener(&metrics_state).await? {
+    let metrics_server = match state_metrics_listener(&state).await? {
         Some((listener, app)) => {
-            let mut stop = stop_rx.clone();
-            Some(tokio::spawn(async move {
-                let _ = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-            }))
+            let limits = ConnectionLimits::from_config(&state.config.server);
+            Some(tokio::spawn(serve_router(
+                listener,
+                app,
+                limits,
+                stopped(stop_rx.clone()),
+            )))
         }
         None => None,
     };
@@ -90,22 +86,9 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
         shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    // Graceful: the server stops accepting at once and waits for open connections; streams
-    // still open after the drain timeout are cut.
-    let drain = Duration::from_secs(metrics_state.config.server.drain_timeout_secs);
-    let mut server = tokio::spawn(server.into_future());
-    let mut stopped = stop_rx.clone();
-    let result = tokio::select! {
-        r = &mut server => r.unwrap_or(Ok(())),
-        _ = async {
-            let _ = stopped.wait_for(|s| *s).await;
-            tokio::time::sleep(drain).await;
-        } => {
-            tracing::warn!(secs = drain.as_secs(), "drain timeout: closing the connections still open");
-            server.abort();
-            Ok(())
-        }
-    };
+    // Graceful: on the signal the listener closes at once and open connections finish; those
+    // still open after the drain timeout are cut (see `serve_router`).
+    serve(listener, state, stopped(stop_rx.clone())).await;
     signal.abort();
     if let Some(m) = metrics_server {
         let _ = m.await;
@@ -119,9 +102,177 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
             tracing::warn!("provisioning worker did not stop in 30 s; its jobs will be reclaimed");
         }
     }
-    result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Resolves once `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Connection hygiene of a listener (`[server]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// A request head must arrive within this long; also the idle keep-alive timeout.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the accept backlog.
+    pub max_connections: usize,
+    /// After shutdown begins, open connections get this long to finish.
+    pub drain_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    pub fn from_config(cfg: &ServerConfig) -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(cfg.header_read_timeout_secs),
+            max_connections: cfg.max_connections,
+            drain_timeout: Duration::from_secs(cfg.drain_timeout_secs),
+        }
+    }
+}
+
+/// The production HTTP server: the BFF's router on `listener` until `shutdown` resolves, then
+/// the drain. `serve` (the binary) and the integration tests both run this.
+pub async fn serve<F>(listener: TcpListener, state: AppState, shutdown: F)
+where
+    F: Future<Output = ()> + Send,
+{
+    let limits = ConnectionLimits::from_config(&state.config.server);
+    serve_router(listener, router(state), limits, shutdown).await;
+}
+
+/// Accept loop over hyper's HTTP/1 server:
+/// - a connection slot (`max_connections`) is taken *before* accepting, so beyond the cap new
+///   connections wait in the kernel's backlog and are served once a slot frees;
+/// - every connection gets `TCP_NODELAY`, `ConnectInfo<SocketAddr>` on each request, and the
+///   header read timeout (which hyper also applies to idle keep-alive connections);
+/// - when `shutdown` resolves the listener is closed at once (new connections are refused), idle
+///   connections close, in-flight requests and streams may finish for `drain_timeout`; whatever
+///   is still open then is cut.
+pub async fn serve_router<F>(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: F,
+) where
+    F: Future<Output = ()> + Send,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let (stopping_tx, stopping_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut saturated = false;
+    tokio::pin!(shutdown);
+    loop {
+        if slots.available_permits() == 0 && !saturated {
+            tracing::warn!(
+                max_connections = limits.max_connections,
+                "connection limit reached: new connections wait until one closes"
+            );
+        }
+        saturated = slots.available_permits() == 0;
+        let next = async {
+            let slot = slots.clone().acquire_owned().await;
+            (slot, listener.accept().await)
+        };
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            (slot, accepted) = next => {
+                // The semaphore is never closed.
+                let Ok(slot) = slot else { break };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        connections.spawn(serve_connection(
+                            stream,
+                            peer,
+                            app.clone(),
+                            limits.header_read_timeout,
+                            stopping_rx.clone(),
+                            slot,
+                        ));
+                    }
+                    Err(e) if is_per_connection(&e) => {
+                        tracing::debug!(error = %e, "accept: connection failed before it was accepted");
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::error!(error = %e, "accept failed; retrying in 100 ms");
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+    drop(listener);
+    let _ = stopping_tx.send(true);
+    let drained = tokio::time::timeout(limits.drain_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            secs = limits.drain_timeout.as_secs(),
+            open = connections.len(),
+            "drain timeout: closing the connections still open"
+        );
+        connections.shutdown().await;
+    }
+}
+
+fn is_per_connection(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+/// One HTTP/1 connection; `_slot` is its place under `max_connections`, freed when it ends.
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    header_read_timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
+    _slot: OwnedSemaphorePermit,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+    }
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(peer));
+        app.clone().oneshot(req.map(Body::new))
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let shutdown_requested = async {
+        if stopping.wait_for(|s| *s).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown_requested => {
+            // Idle: closes now; mid-request: after the response (no more keep-alive).
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // Header timeouts, clients gone mid-request, malformed requests: the client's business.
+        tracing::debug!(error = %e, %peer, "connection ended with an error");
+    }
 }
 
 /// The separate metrics listener, when `telemetry.metrics_addr` is set.

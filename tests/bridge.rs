@@ -632,3 +632,371 @@ async fn a_silent_stream_is_cut_after_the_idle_timeout() {
     .await;
     assert_eq!(drained, Ok(true), "cut with an error well before 10 s");
 }
+
+/// A multipart upload's opening: the `endpoint` field, then the head of the `file` part.
+fn upload_preamble(boundary: &str) -> String {
+    format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"endpoint\"\r\n\r\nFakeAI\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\
+         Content-Type: text/plain\r\n\r\n"
+    )
+}
+
+/// A connection with an upload's request head already sent.
+async fn start_upload(
+    bff: &support::bff::TestBff,
+    bearer: &str,
+    boundary: &str,
+    framing: &str,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let addr = bff.base_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "POST /api/chat/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         User-Agent: {BROWSER_UA}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
+         {framing}\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s
+}
+
+fn chunk(data: &[u8]) -> Vec<u8> {
+    [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat()
+}
+
+/// The upload the fake LibreChat recorded once its request ended (recorded after its body did).
+async fn upload_seen_by_librechat(w: &World) -> support::fake_librechat::RecordedUpload {
+    support::wait::eventually(10, "LibreChat to see the upload's request end", || async {
+        w.lc.uploads().pop()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_upload_that_stalls_mid_body_gets_408_and_librechat_sees_its_request_end() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[(
+            "BFF__SERVER__REQUEST_BODY_IDLE_TIMEOUT_SECS",
+            "1".to_string(),
+        )])
+        .await;
+    w.user(&bff, 40).await;
+    let bearer = w.bearer(40);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    let boundary = "----bffStall";
+    let mut s = start_upload(&bff, &bearer, boundary, "Content-Length: 1000000").await;
+    let first = [upload_preamble(boundary).as_bytes(), &[b'a'; 200_000][..]].concat();
+    s.write_all(&first).await.expect("first part");
+    // ...then nothing more, with the connection left open.
+    let sent_at = Instant::now();
+    let reply = tokio::time::timeout(Duration::from_secs(10), support::bff::read_response(&mut s))
+        .await
+        .expect("answered well before 10 s")
+        .expect("a response on the stalled connection");
+    assert_eq!(reply.status, 408, "{:?}", reply);
+    assert_eq!(reply.json()["error"], "request_timeout");
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(800),
+        "after the 1 s idle timeout"
+    );
+    let upload = upload_seen_by_librechat(&w).await;
+    assert_eq!(upload.status, 500, "LibreChat's request ended broken");
+    assert!(upload.file_bytes > 0 && upload.file_bytes < 1_000_000);
+    drop(s);
+}
+
+#[tokio::test]
+async fn chunked_bodies_over_the_cap_are_413_and_librechat_never_gets_them_whole() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[(
+            "BFF__LIBRECHAT__MAX_REQUEST_BODY_BYTES",
+            "100000".to_string(),
+        )])
+        .await;
+    w.user(&bff, 41).await;
+    let bearer = w.bearer(41);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    let boundary = "----bffTooLarge";
+    let mut s = start_upload(&bff, &bearer, boundary, "Transfer-Encoding: chunked").await;
+    s.write_all(&chunk(upload_preamble(boundary).as_bytes()))
+        .await
+        .expect("preamble");
+    // 160 KB of file in 16 KB chunks; the terminating chunk is never needed.
+    for _ in 0..10 {
+        s.write_all(&chunk(&[b'a'; 16 * 1024]))
+            .await
+            .expect("chunk");
+    }
+    let reply = tokio::time::timeout(Duration::from_secs(10), support::bff::read_response(&mut s))
+        .await
+        .expect("answered")
+        .expect("a response");
+    assert_eq!(reply.status, 413, "{:?}", reply);
+    assert_eq!(reply.json()["error"], "payload_too_large");
+    let upload = upload_seen_by_librechat(&w).await;
+    assert_eq!(
+        upload.status, 500,
+        "LibreChat's request was aborted, not ended"
+    );
+    assert!(upload.file_bytes < 100_000, "{}", upload.file_bytes);
+}
+
+#[tokio::test]
+async fn malformed_chunked_bodies_are_400() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 42).await;
+    let bearer = w.bearer(42);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    let boundary = "----bffMalformed";
+    let mut s = start_upload(&bff, &bearer, boundary, "Transfer-Encoding: chunked").await;
+    let mut body = chunk(upload_preamble(boundary).as_bytes());
+    body.extend_from_slice(&chunk(&[b'a'; 1000]));
+    body.extend_from_slice(b"zz-not-hex\r\nxyz\r\n");
+    s.write_all(&body).await.expect("body");
+    let reply = tokio::time::timeout(Duration::from_secs(10), support::bff::read_response(&mut s))
+        .await
+        .expect("answered")
+        .expect("a response");
+    assert_eq!(reply.status, 400, "{:?}", reply);
+    assert_eq!(reply.json()["error"], "malformed_body");
+    let upload = upload_seen_by_librechat(&w).await;
+    assert_eq!(upload.status, 500, "LibreChat's request was aborted");
+}
+
+/// `METHOD path` on a raw connection (HTTP clients normalise paths and refuse odd methods).
+async fn raw(
+    bff: &support::bff::TestBff,
+    method: &str,
+    path: &str,
+    bearer: &str,
+) -> support::bff::RawReply {
+    let addr = bff.base_url.trim_start_matches("http://");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    support::bff::raw_exchange(&bff.base_url, request.as_bytes())
+        .await
+        .expect("a response")
+}
+
+#[tokio::test]
+async fn denied_routes_are_404_however_they_are_spelled_and_other_paths_pass_verbatim() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[("BFF__LIBRECHAT__DENY_PREFIXES", "agents/tools".to_string())])
+        .await;
+    w.user(&bff, 43).await;
+    let bearer = w.bearer(43);
+    for (method, path) in [
+        ("POST", "/api/chat/%61uth/logout"),
+        ("POST", "/api/chat/Auth/login"),
+        ("POST", "/api/chat/AUTH/refresh"),
+        ("GET", "/api/chat/auth/2fa/enable"),
+        ("POST", "/api/chat/auth/2fa/confirm"),
+        ("POST", "/api/chat/auth/resetPassword"),
+        ("DELETE", "/api/chat/user/delete"),
+        ("DELETE", "/api/chat/User/%64elete"),
+        ("POST", "/api/chat/user/email/change"),
+        ("GET", "/api/chat/admin/users"),
+        ("GET", "/api/chat/%41dmin/config"),
+        ("POST", "/api/chat/api-keys"),
+        ("GET", "/api/chat/Api-Keys"),
+        ("GET", "/api/chat/%61gents/Tools"),
+    ] {
+        let reply = raw(&bff, method, path, &bearer).await;
+        assert_eq!(reply.status, 404, "{method} {path}");
+        assert_eq!(reply.json()["error"], "not_found", "{method} {path}");
+    }
+    assert!(
+        w.lc.requests().is_empty(),
+        "nothing reached LibreChat: {:?}",
+        w.lc.requests().iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+
+    // Neighbours are forwarded, byte for byte.
+    assert_eq!(
+        raw(&bff, "GET", "/api/chat/user", &bearer).await.status,
+        200
+    );
+    let reply = raw(&bff, "GET", "/api/chat/convos/%61bc", &bearer).await;
+    assert_eq!(
+        reply.status, 404,
+        "LibreChat's own 404 for an unknown conversation"
+    );
+    let paths: Vec<String> = w.lc.requests().into_iter().map(|r| r.path).collect();
+    assert!(paths.contains(&"/api/user".to_owned()), "{paths:?}");
+    assert!(paths.contains(&"/api/convos/%61bc".to_owned()), "{paths:?}");
+}
+
+#[tokio::test]
+async fn methods_outside_the_proxied_set_are_405_json_with_allow() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 44).await;
+    let bearer = w.bearer(44);
+    for method in ["TRACE", "PROPFIND", "MKCOL", "CONNECT"] {
+        let reply = raw(&bff, method, "/api/chat/convos", &bearer).await;
+        assert_eq!(reply.status, 405, "{method}");
+        assert_eq!(reply.json()["error"], "method_not_allowed", "{method}");
+        let allow = reply.header("allow").unwrap_or_default().to_owned();
+        for m in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            assert!(
+                allow.split(',').any(|a| a.trim() == m),
+                "{method}: Allow {allow}"
+            );
+        }
+        assert!(!allow.contains("TRACE"), "{allow}");
+    }
+    assert!(w.lc.requests().is_empty(), "nothing reached LibreChat");
+    // The methods in the set are forwarded; OPTIONS is answered by the BFF's CORS layer.
+    for method in ["GET", "HEAD", "OPTIONS"] {
+        let reply = raw(&bff, method, "/api/chat/convos", &bearer).await;
+        assert_ne!(reply.status, 405, "{method}");
+    }
+    let forwarded: Vec<String> =
+        w.lc.requests()
+            .into_iter()
+            .filter(|r| r.path == "/api/convos")
+            .map(|r| r.method.to_string())
+            .collect();
+    assert_eq!(forwarded, ["GET", "HEAD"]);
+}
+
+#[tokio::test]
+async fn errors_the_bff_produces_itself_are_json_problems() {
+    const ADMIN_TOKEN: &str = "bridge-admin-token-0123456789";
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[("BFF__ADMIN__TOKEN", ADMIN_TOKEN.to_string())])
+        .await;
+    w.user(&bff, 45).await;
+    let bearer = w.bearer(45);
+    let json_problem = |what: &str, status: u16, reply: &support::bff::RawReply, code: &str| {
+        assert_eq!(reply.status, status, "{what}: {reply:?}");
+        assert!(
+            reply
+                .header("content-type")
+                .is_some_and(|ct| ct.starts_with("application/json")),
+            "{what}: {reply:?}"
+        );
+        let body = reply.json();
+        assert_eq!(body["error"], code, "{what}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{what}: {body}"
+        );
+    };
+
+    // 405 from the router, Allow kept.
+    let reply = raw(&bff, "GET", "/auth/login", "x").await;
+    json_problem("GET /auth/login", 405, &reply, "method_not_allowed");
+    assert_eq!(reply.header("allow"), Some("POST"));
+
+    // 413 from axum's default body limit (2 MiB): send one byte more than it reads, so the
+    // BFF has consumed everything sent when it answers.
+    for path in ["/auth/session", "/hooks/users"] {
+        let addr = bff.base_url.trim_start_matches("http://");
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+             Content-Type: application/json\r\nContent-Length: 3000000\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend(std::iter::repeat_n(b' ', 2 * 1024 * 1024 + 1));
+        let reply = support::bff::raw_exchange(&bff.base_url, &request)
+            .await
+            .expect("a response");
+        json_problem(path, 413, &reply, "payload_too_large");
+    }
+
+    // Query and Path rejections (400) behind the admin check.
+    let reply = raw(&bff, "GET", "/admin/jobs?limit=many", ADMIN_TOKEN).await;
+    json_problem("bad query", 400, &reply, "bad_request");
+    let reply = raw(&bff, "GET", "/admin/users/%FF%FE", ADMIN_TOKEN).await;
+    json_problem("bad path parameter", 400, &reply, "bad_request");
+
+    // LibreChat's own answers pass untouched: an unknown conversation is its empty 404.
+    let reply = raw(&bff, "GET", "/api/chat/convos/nope", &bearer).await;
+    assert_eq!(reply.status, 404);
+    assert!(reply.body.is_empty(), "{reply:?}");
+}
+
+#[tokio::test]
+async fn a_small_body_that_stalls_gets_408_before_reaching_librechat() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[(
+            "BFF__SERVER__REQUEST_BODY_IDLE_TIMEOUT_SECS",
+            "1".to_string(),
+        )])
+        .await;
+    w.user(&bff, 46).await;
+    let bearer = w.bearer(46);
+    let addr = bff.base_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // Small enough to be buffered for a replay: it is read in full before anything is sent.
+    let head = format!(
+        "POST /api/chat/convos/update HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"arg\":"
+    );
+    s.write_all(head.as_bytes()).await.expect("write");
+    let reply = tokio::time::timeout(Duration::from_secs(10), support::bff::read_response(&mut s))
+        .await
+        .expect("answered well before 10 s")
+        .expect("a response");
+    assert_eq!(reply.status, 408, "{reply:?}");
+    assert_eq!(reply.json()["error"], "request_timeout");
+    assert!(
+        w.lc.requests()
+            .iter()
+            .all(|r| !r.path.starts_with("/api/convos")),
+        "nothing was forwarded"
+    );
+}
+
+#[tokio::test]
+async fn a_librechat_that_refuses_fresh_tokens_costs_one_renewal_not_one_per_request() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 31).await;
+    let bearer = w.bearer(31);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    let (logins, refreshes) = (w.lc.login_calls(), w.lc.refresh_calls());
+    // LibreChat now refuses every token of the user (say, the account was blocked there).
+    w.lc.reject_all_tokens(true);
+    for _ in 0..20 {
+        let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert_eq!(body["error"], "librechat_unauthorized");
+    }
+    let renewals = (w.lc.login_calls() - logins) + (w.lc.refresh_calls() - refreshes);
+    assert_eq!(renewals, 1, "20 refused requests renewed {renewals} times");
+
+    // Once LibreChat accepts tokens again and the pause is over, requests recover.
+    w.lc.reject_all_tokens(false);
+    bff.clock.advance(Duration::from_secs(11));
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+}

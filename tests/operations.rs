@@ -102,7 +102,8 @@ async fn metrics_show_every_family_after_an_end_to_end_run() {
             .json(&json!({"user_id": id, "email": email}))
             .send()
     };
-    add("302", "bad@@example.com").await.expect("add");
+    // Valid for the BFF, refused by LibreChat's stricter validator.
+    add("302", "a!b@example.com").await.expect("add");
     let queue = bff.state.provisioner.queue.clone();
     eventually(20, "the dead-lettered job", || async {
         queue.sizes().await.ok().filter(|s| s.2 == 1)
@@ -379,8 +380,149 @@ async fn a_worker_process_provisions_and_stops_cleanly_on_sigterm() {
         (r.status == librechat_bff::credentials::vault::CredentialStatus::Ready).then_some(())
     })
     .await;
-    assert_eq!(w.lc.user_count(), 1);
+    assert_eq!(
+        w.lc.user_count(),
+        2,
+        "the user and the BFF's service account"
+    );
     sigterm(&child);
     let status = wait_exit(&mut child, 10).await;
     assert_eq!(status.code(), Some(0));
+}
+
+/// Opens a connection and sends `head` one byte per second, reading meanwhile; says `connected`
+/// once the first byte is out; returns how long after connecting the server closed the
+/// connection, and whether the whole head had been sent by then.
+async fn trickle_head(
+    addr: String,
+    head: &'static [u8],
+    connected: tokio::sync::mpsc::Sender<()>,
+) -> (Duration, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = tokio::time::Instant::now();
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let (mut rd, mut wr) = stream.into_split();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sent = 0;
+    let mut buf = [0u8; 1024];
+    loop {
+        tokio::select! {
+            r = rd.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return (started.elapsed(), sent == head.len()),
+                Ok(_) => {} // whatever the server says before closing
+            },
+            _ = tick.tick(), if sent < head.len() => {
+                if wr.write_all(&head[sent..=sent]).await.is_err() {
+                    return (started.elapsed(), sent == head.len());
+                }
+                if sent == 0 {
+                    let _ = connected.send(()).await;
+                }
+                sent += 1;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_header_clients_are_dropped_at_the_header_timeout_while_others_are_served() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[("BFF__SERVER__HEADER_READ_TIMEOUT_SECS", "2".into())])
+        .await;
+    w.user(&bff, 330).await;
+    let addr = bff.base_url.trim_start_matches("http://").to_owned();
+    // ~60 bytes at one byte per second: a minute to send, if the server waited.
+    const HEAD: &[u8] =
+        b"GET /healthz HTTP/1.1\r\nHost: slow.example\r\nUser-Agent: slowloris\r\n\r\n";
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (connected_tx, mut connected) = tokio::sync::mpsc::channel(50);
+    let slow: Vec<_> = (0..50)
+        .map(|_| {
+            let (addr, closed, tx) = (addr.clone(), closed.clone(), connected_tx.clone());
+            tokio::spawn(async move {
+                let r = trickle_head(addr, HEAD, tx).await;
+                closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                r
+            })
+        })
+        .collect();
+    for _ in 0..50 {
+        connected.recv().await.expect("a slow client connected");
+    }
+
+    // Meanwhile a normal client is served, health check and proxied call alike.
+    let started = tokio::time::Instant::now();
+    let res = http()
+        .get(format!("{}/healthz", bff.base_url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &w.bearer(330)).await.0,
+        StatusCode::OK
+    );
+    assert!(started.elapsed() < Duration::from_secs(1), "not held up");
+    assert_eq!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "served while the 50 slow connections were all still open"
+    );
+
+    for task in slow {
+        let (after, finished_head) = task.await.expect("slow client");
+        assert!(!finished_head, "closed before the head was complete");
+        assert!(
+            after >= Duration::from_millis(1900) && after < Duration::from_secs(5),
+            "closed at the 2 s header timeout, not after {after:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&[
+            ("BFF__SERVER__MAX_CONNECTIONS", "1".into()),
+            ("BFF__SERVER__HEADER_READ_TIMEOUT_SECS", "60".into()),
+        ])
+        .await;
+    let addr = bff.base_url.trim_start_matches("http://").to_owned();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: bff\r\n\r\n";
+
+    // The first connection is served and stays open (keep-alive): it holds the only slot.
+    let mut first = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    first.write_all(request).await.expect("write");
+    let reply = support::bff::read_response(&mut first)
+        .await
+        .expect("first served");
+    assert_eq!(reply.status, 200);
+
+    // The second connects (the kernel's backlog) but is not served while the first is open.
+    let mut second = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    second.write_all(request).await.expect("write");
+    let waiting = tokio::spawn(async move { support::bff::read_response(&mut second).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "no answer while every slot is taken"
+    );
+
+    // The first closes: the second is accepted and served.
+    drop(first);
+    let reply = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a slot freed")
+        .expect("join")
+        .expect("a response");
+    assert_eq!(reply.status, 200);
 }

@@ -16,7 +16,7 @@ use support::{
     wait::eventually,
     world::{get_json, http, World, ID_PASSWORD},
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 const HOOK_SECRET: &str = "test-hook-secret-0123456789";
@@ -158,7 +158,14 @@ async fn an_operator_registers_a_user_who_then_simply_works() {
     workers.stop().await;
     assert!(ready["librechat_user_id"].is_string(), "{ready}");
     assert!(!ready.to_string().contains("password"), "{ready}");
-    assert_eq!(w.lc.register_calls(), 1);
+    // The BFF's service account first (LibreChat's ADMIN), then Ann, once.
+    assert_eq!(w.lc.register_calls(), 2);
+    // LibreChat's first account (ADMIN) is the BFF's, never a product user.
+    assert_eq!(
+        w.lc.role_of("librechat-bff@service.invalid").as_deref(),
+        Some("ADMIN")
+    );
+    assert_eq!(w.lc.role_of("ann@example.com").as_deref(), Some("USER"));
 
     let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(201)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -207,7 +214,11 @@ async fn a_worker_killed_after_registering_is_reclaimed_and_finishes_once() {
     let workers = Workers::start(&bff, 1);
     wait_state(&bff, "202", "ready").await;
     workers.stop().await;
-    assert_eq!(w.lc.user_count(), 1, "exactly one LibreChat account");
+    assert_eq!(
+        w.lc.user_count(),
+        2,
+        "exactly one LibreChat account besides the service account"
+    );
     let (status, _) = get_json(&bff, "/api/chat/convos", &w.bearer(202)).await;
     assert_eq!(status, StatusCode::OK, "the vault's password logs in");
 }
@@ -314,7 +325,11 @@ async fn an_existing_account_with_an_unknown_password_is_recovered_through_reset
     let workers = Workers::start(&bff, 1);
     wait_state(&bff, "206", "ready").await;
     workers.stop().await;
-    assert_eq!(w.lc.user_count(), 1);
+    assert_eq!(
+        w.lc.user_count(),
+        2,
+        "Fay's account and the service account"
+    );
     let (status, _) = get_json(&bff, "/api/chat/convos", &w.bearer(206)).await;
     assert_eq!(status, StatusCode::OK, "the reset password is the vault's");
 }
@@ -367,7 +382,8 @@ async fn a_validation_failure_is_dead_lettered_and_can_be_retried() {
         &bff,
         reqwest::Method::POST,
         "/admin/users",
-        Some(json!({"user_id": "208", "email": "bad@@example.com"})),
+        // Valid for the BFF, refused by LibreChat's stricter validator.
+        Some(json!({"user_id": "208", "email": "a!b@example.com"})),
     )
     .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
@@ -389,7 +405,11 @@ async fn a_validation_failure_is_dead_lettered_and_can_be_retried() {
             .contains("rejected"),
         "{dead}"
     );
-    assert_eq!(w.lc.register_calls(), 1);
+    assert_eq!(
+        w.lc.register_calls(),
+        2,
+        "the service account, then the refused one"
+    );
 
     let (status, _) = admin(
         &bff,
@@ -400,7 +420,7 @@ async fn a_validation_failure_is_dead_lettered_and_can_be_retried() {
     .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     eventually(10, "the retried job to run", || async {
-        (w.lc.register_calls() == 2).then_some(())
+        (w.lc.register_calls() == 3).then_some(())
     })
     .await;
     workers.stop().await;
@@ -431,7 +451,8 @@ async fn three_workers_provision_five_hundred_users_exactly_once() {
     }
     let workers = Workers::start(&bff, 3);
     eventually(120, "500 accounts", || async {
-        (w.lc.user_count() == 500 && queue.sizes().await.ok()?.0 == 0).then_some(())
+        // 500 users and the service account.
+        (w.lc.user_count() == 501 && queue.sizes().await.ok()?.0 == 0).then_some(())
     })
     .await;
     eventually(30, "every credential ready", || async {
@@ -445,7 +466,7 @@ async fn three_workers_provision_five_hundred_users_exactly_once() {
     })
     .await;
     workers.stop().await;
-    assert_eq!(w.lc.register_calls(), 500, "no user registered twice");
+    assert_eq!(w.lc.register_calls(), 501, "no user registered twice");
     let (_, _, dead) = queue.sizes().await.expect("sizes");
     assert_eq!(dead, 0);
 }
@@ -668,4 +689,260 @@ async fn a_wrong_admin_token_is_403_and_none_is_401() {
         .await
         .expect("send");
     assert_eq!(bad_state.status(), StatusCode::BAD_REQUEST);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security: one LibreChat account per identity user, deactivation that sticks
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_shared_email_never_hands_one_users_librechat_account_to_another() {
+    let w = World::new(FakeLibreChatOptions {
+        // The recovery path an attacker would have ridden: reset links returned to the BFF.
+        allow_password_reset: true,
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let bff = w.bff(&settings(&[])).await;
+    // The victim's account predates email bindings (seeded straight into the vault): the
+    // binding index is built from existing records.
+    w.user(&bff, 401).await;
+    // The attacker's identity account carries the same address, spelled differently.
+    add_identity_user(&w, 402, "  User401@Example.COM ", vec![]);
+    let victim = w.bearer(401);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &victim).await.0,
+        StatusCode::OK
+    );
+
+    let workers = Workers::start(&bff, 1);
+    let attacker = w.bearer(402);
+    let body = eventually(20, "the attacker to be refused", || async {
+        let (status, body) = get_json(&bff, "/api/chat/convos", &attacker).await;
+        assert_ne!(status, StatusCode::OK, "the attacker got in: {body}");
+        (status == StatusCode::CONFLICT).then_some(body)
+    })
+    .await;
+    assert_eq!(body["error"], "account_conflict", "{body}");
+    // Ops get the same answer, naming both users.
+    let (status, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "402", "email": "USER401@example.com"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "email_conflict");
+    let msg = body["message"].as_str().unwrap_or("");
+    assert!(msg.contains("402") && msg.contains("401"), "{msg}");
+    let state = user_state(&bff, "402").await;
+    assert_eq!(state["credential_status"], "conflict", "{state}");
+    workers.stop().await;
+
+    assert_eq!(w.lc.calls_to("/api/auth/requestPasswordReset"), 0);
+    assert_eq!(w.lc.calls_to("/api/auth/resetPassword"), 0);
+    assert_eq!(
+        w.lc.register_calls(),
+        0,
+        "nothing registered for the attacker"
+    );
+    assert_eq!(
+        w.lc.user_count(),
+        1,
+        "still one account for that address: {:?}",
+        w.lc.user_id("user401@example.com")
+    );
+    // The victim keeps their account and the vault's password still logs in.
+    bff.state
+        .tokens
+        .sign_out("401", bff.state.provisioner.caller())
+        .await
+        .expect("sign out");
+    let (status, body) = get_json(&bff, "/api/chat/convos", &victim).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let record = bff
+        .state
+        .vault
+        .get("401")
+        .await
+        .expect("vault")
+        .expect("record");
+    assert_eq!(record.status, CredentialStatus::Ready);
+}
+
+#[tokio::test]
+async fn a_deactivation_sticks_while_the_users_job_is_queued_or_running() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    let queue = bff.state.provisioner.queue.clone();
+
+    // Queued: deactivated before any worker runs; the job is withdrawn.
+    add_identity_user(&w, 411, "queued@example.com", vec![]);
+    let (_, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "411", "email": "queued@example.com"})),
+    )
+    .await;
+    let queued_job = body["job_id"].as_str().expect("job").to_owned();
+    let (status, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users/411/deactivate",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["cancelled_job"], queued_job.as_str());
+
+    // Running: deactivated (by the identity service's webhook) while a worker is mid-job.
+    add_identity_user(&w, 412, "running@example.com", vec![]);
+    let (_, body) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "412", "email": "running@example.com"})),
+    )
+    .await;
+    let running_job = body["job_id"].as_str().expect("job").to_owned();
+    w.lc.set_latency(Duration::from_millis(800));
+    let workers = Workers::start(&bff, 2);
+    eventually(10, "the job to be running", || async {
+        let j = queue.job(&running_job).await.ok()??;
+        (j.state == JobState::Running).then_some(())
+    })
+    .await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let event = json!({"event": "user.updated", "user": {"id": 412, "email": "running@example.com", "is_active": false}});
+    assert_eq!(hook(&bff, &event, now, HOOK_SECRET).await, StatusCode::OK);
+    // The worker finishes its LibreChat calls; whatever it records, the user stays disabled.
+    eventually(20, "the running job to end", || async {
+        let j = queue.job(&running_job).await.ok()??;
+        (!j.state.is_active()).then_some(())
+    })
+    .await;
+    w.lc.set_latency(Duration::ZERO);
+    // Give the queued job every chance to run (it must not).
+    eventually(10, "the queue to drain", || async {
+        let (depth, delayed, _) = queue.sizes().await.ok()?;
+        (depth == 0 && delayed == 0).then_some(())
+    })
+    .await;
+    workers.stop().await;
+
+    for (id, job) in [("411", &queued_job), ("412", &running_job)] {
+        let record = bff.state.vault.get(id).await.expect("vault").expect("kept");
+        assert_eq!(record.status, CredentialStatus::Disabled, "user {id}");
+        let j = queue.job(job).await.expect("job").expect("kept");
+        assert_eq!(j.state, JobState::Cancelled, "job of {id}");
+        let bearer = w.bearer(id.parse().expect("id"));
+        let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "user {id}: {body}");
+        assert_eq!(body["error"], "account_disabled");
+    }
+    assert_eq!(w.lc.role_of("queued@example.com"), None, "never registered");
+
+    // An ordinary update does not bring a deactivated user back; an explicit registration does.
+    let event = json!({"event": "user.updated", "user": {"id": 411, "email": "queued@example.com", "name": "Q"}});
+    assert_eq!(
+        hook(&bff, &event, now, HOOK_SECRET).await,
+        StatusCode::ACCEPTED
+    );
+    let record = bff
+        .state
+        .vault
+        .get("411")
+        .await
+        .expect("vault")
+        .expect("kept");
+    assert_eq!(record.status, CredentialStatus::Disabled);
+    let (status, _) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users",
+        Some(json!({"user_id": "412", "email": "running@example.com"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let workers = Workers::start(&bff, 1);
+    wait_state(&bff, "412", "ready").await;
+    workers.stop().await;
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &w.bearer(412)).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn every_replica_stops_serving_a_deactivated_user_within_a_second() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let a = w.bff(&settings(&[])).await;
+    let b = w.bff(&settings(&[])).await;
+    w.user(&a, 421).await;
+    let bearer = w.bearer(421);
+    // Replica B holds the user's LibreChat token in memory: its warm path asks no one.
+    for _ in 0..2 {
+        assert_eq!(
+            get_json(&b, "/api/chat/convos", &bearer).await.0,
+            StatusCode::OK
+        );
+    }
+    let (status, _) = admin(
+        &a,
+        reqwest::Method::POST,
+        "/admin/users/421/deactivate",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let deactivated = Instant::now();
+    let status = loop {
+        let (status, _) = get_json(&b, "/api/chat/convos", &bearer).await;
+        if status != StatusCode::OK || deactivated.elapsed() > Duration::from_secs(3) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = deactivated.elapsed();
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(
+        took < Duration::from_secs(1),
+        "replica B served for {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn ops_and_webhook_input_with_control_characters_or_bad_emails_is_refused() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    for body in [
+        json!({"user_id": "430", "email": "a@example.com\r\nBcc: x@evil.test"}),
+        json!({"user_id": "430", "email": "a b@example.com"}),
+        json!({"user_id": "430", "email": "a@example"}),
+        json!({"user_id": "43\u{0}0", "email": "a@example.com"}),
+        json!({"user_id": "430", "email": "a@example.com", "name": "Ann\nAdmin"}),
+        json!({"user_id": "x".repeat(300), "email": "a@example.com"}),
+    ] {
+        let (status, reply) = admin(
+            &bff,
+            reqwest::Method::POST,
+            "/admin/users",
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body} → {reply}");
+        assert_eq!(reply["error"], "bad_request");
+    }
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let event = json!({"event": "user.created", "user": {"id": 431, "email": "b@example.com\r\n"}});
+    assert_eq!(
+        hook(&bff, &event, now, HOOK_SECRET).await,
+        StatusCode::BAD_REQUEST
+    );
+    assert_eq!(
+        bff.state.provisioner.queue.sizes().await.expect("sizes").0,
+        0
+    );
 }

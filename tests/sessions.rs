@@ -637,3 +637,506 @@ async fn redis_outage_is_503_and_recovers_without_restart() {
     assert_eq!(me.status, StatusCode::OK, "{}", me.body);
     assert_eq!(browser.get("/readyz").await.status, StatusCode::OK);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Login throttling (src/throttle.rs) and what the identity service learns about the caller
+// ---------------------------------------------------------------------------------------------
+
+struct LoginReply {
+    status: StatusCode,
+    headers: header::HeaderMap,
+    body: serde_json::Value,
+}
+
+/// `POST /auth/login` with extra request headers (e.g. `X-Forwarded-For`, `User-Agent`).
+async fn login_with(
+    bff: &TestBff,
+    username: &str,
+    password: &str,
+    headers: &[(&str, &str)],
+) -> LoginReply {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/auth/login", bff.base_url))
+        .json(&json!({ "username": username, "password": password }));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let res = req.send().await.expect("request reaches the BFF");
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = res.json().await.unwrap_or(serde_json::Value::Null);
+    LoginReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// A login from `address`, as told by the trusted proxy at 127.0.0.1.
+async fn login_from(bff: &TestBff, address: &str, username: &str, password: &str) -> LoginReply {
+    login_with(bff, username, password, &[("x-forwarded-for", address)]).await
+}
+
+fn throttle_settings(pairs: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = vec![("BFF__SERVER__TRUSTED_PROXIES", "127.0.0.1/32".to_string())];
+    env.extend(pairs.iter().map(|(k, v)| (*k, (*v).to_string())));
+    env
+}
+
+/// A 429 `login_throttled` whose `Retry-After` is within the window.
+fn assert_throttled(res: &LoginReply, window_secs: u64) {
+    assert_eq!(res.status, StatusCode::TOO_MANY_REQUESTS, "{}", res.body);
+    assert_eq!(res.body["error"], "login_throttled");
+    assert!(res.body["message"].is_string());
+    let retry_after: u64 = res
+        .headers
+        .get(header::RETRY_AFTER)
+        .expect("Retry-After")
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (1..=window_secs).contains(&retry_after),
+        "Retry-After {retry_after} outside 1..={window_secs}"
+    );
+}
+
+/// N wrong passwords from one address (each for another account, so only the address limit
+/// applies) pass to the identity service; the (N+1)th, and even a right password from that
+/// address, is 429 without reaching it; another address is unaffected.
+async fn address_limit_scenario(redis: Option<(&RedisServer, &str)>) {
+    const N: usize = 5;
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let env = throttle_settings(&[
+        ("BFF__LOGIN_THROTTLE__PER_ADDRESS_FAILURES", "5"),
+        ("BFF__LOGIN_THROTTLE__PER_ADDRESS_WINDOW_SECS", "300"),
+    ]);
+    let bff = TestBff::start(settings(&idp, redis, &env)).await;
+    for i in 0..N {
+        let res = login_from(&bff, "203.0.113.9", &format!("nobody{i}"), "guess").await;
+        assert_eq!(
+            res.status,
+            StatusCode::UNAUTHORIZED,
+            "attempt {i}: {}",
+            res.body
+        );
+    }
+    let res = login_from(&bff, "203.0.113.9", "nobody-else", "guess").await;
+    assert_throttled(&res, 300);
+    assert_eq!(
+        idp.token_calls(),
+        N,
+        "the throttled attempt never reached the identity service"
+    );
+    let res = login_from(&bff, "203.0.113.9", "alice", PASSWORD).await;
+    assert_throttled(&res, 300);
+    assert_eq!(idp.token_calls(), N);
+
+    let res = login_from(&bff, "203.0.113.10", "alice", PASSWORD).await;
+    assert_eq!(res.status, StatusCode::OK, "another address: {}", res.body);
+    assert_eq!(idp.token_calls(), N + 1);
+}
+
+#[tokio::test]
+async fn failed_logins_from_one_address_are_throttled_before_the_identity_service() {
+    address_limit_scenario(None).await;
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    address_limit_scenario(Some((&redis, &key))).await;
+}
+
+#[tokio::test]
+async fn the_address_window_ends_and_sign_in_works_again_in_memory() {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let env = throttle_settings(&[
+        ("BFF__LOGIN_THROTTLE__PER_ADDRESS_FAILURES", "2"),
+        ("BFF__LOGIN_THROTTLE__PER_ADDRESS_WINDOW_SECS", "300"),
+    ]);
+    let bff = TestBff::start(settings(&idp, None, &env)).await;
+    for _ in 0..2 {
+        let res = login_from(&bff, "203.0.113.9", "alice", "wrong").await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    }
+    assert_throttled(
+        &login_from(&bff, "203.0.113.9", "alice", PASSWORD).await,
+        300,
+    );
+    bff.clock.advance(Duration::from_secs(301));
+    let res = login_from(&bff, "203.0.113.9", "alice", PASSWORD).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+}
+
+#[tokio::test]
+async fn failed_logins_for_one_account_are_throttled_across_addresses() {
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let env = throttle_settings(&[
+        ("BFF__LOGIN_THROTTLE__PER_IDENTIFIER_FAILURES", "3"),
+        ("BFF__LOGIN_THROTTLE__PER_IDENTIFIER_WINDOW_SECS", "900"),
+    ]);
+    let bff = TestBff::start(settings(&idp, Some((&redis, &key)), &env)).await;
+    // The same account however it is spelled: the identifier is trimmed and lower-cased.
+    for (i, name) in ["alice", " ALICE ", "Alice"].into_iter().enumerate() {
+        let res = login_from(&bff, &format!("198.51.100.{i}"), name, "wrong").await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.body);
+    }
+    let res = login_from(&bff, "198.51.100.50", "aLiCe", "wrong").await;
+    assert_throttled(&res, 900);
+    // The lock-out trade-off: the right password from a fresh address is refused too.
+    assert_throttled(
+        &login_from(&bff, "198.51.100.51", "alice", PASSWORD).await,
+        900,
+    );
+    assert_eq!(idp.token_calls(), 3);
+    // Another account from the same addresses is not affected.
+    let res = login_from(&bff, "198.51.100.50", "bob", "wrong").await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+
+    // Only a hash of the identifier is kept, and every counter expires.
+    let mut conn = redis_conn(&redis).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{{{}:login-throttle}}:*", redis.key_prefix()))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(keys.iter().any(|k| k.contains(":id:")), "{keys:?}");
+    for k in &keys {
+        assert!(
+            !k.to_lowercase().contains("alice") && !k.contains("bob"),
+            "{k}"
+        );
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(k)
+            .query_async(&mut conn)
+            .await
+            .expect("pttl");
+        assert!(ttl > 0 && ttl <= 900_000, "{k} has TTL {ttl}");
+    }
+}
+
+/// Many successful sign-ins from one address never add up to a lock-out, and a success clears
+/// the account's failure count.
+async fn success_scenario(redis: Option<(&RedisServer, &str)>) {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let env = throttle_settings(&[
+        ("BFF__LOGIN_THROTTLE__PER_ADDRESS_FAILURES", "6"),
+        ("BFF__LOGIN_THROTTLE__PER_IDENTIFIER_FAILURES", "3"),
+    ]);
+    let bff = TestBff::start(settings(&idp, redis, &env)).await;
+    for i in 0..12 {
+        let res = login_from(&bff, "203.0.113.20", "alice", PASSWORD).await;
+        assert_eq!(res.status, StatusCode::OK, "success {i}: {}", res.body);
+    }
+    for _ in 0..2 {
+        let res = login_from(&bff, "203.0.113.20", "alice", "wrong").await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    }
+    let res = login_from(&bff, "203.0.113.20", "alice", PASSWORD).await;
+    assert_eq!(res.status, StatusCode::OK);
+    // Two more failures: 2 < 3 because the success cleared the first two.
+    for _ in 0..2 {
+        let res = login_from(&bff, "203.0.113.20", "alice", "wrong").await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.body);
+    }
+    let res = login_from(&bff, "203.0.113.20", "alice", "wrong").await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_throttled(
+        &login_from(&bff, "203.0.113.20", "alice", PASSWORD).await,
+        900,
+    );
+}
+
+#[tokio::test]
+async fn successful_logins_are_never_throttled() {
+    success_scenario(None).await;
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    success_scenario(Some((&redis, &key))).await;
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_redis_share_the_counters() {
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let env = throttle_settings(&[("BFF__LOGIN_THROTTLE__PER_ADDRESS_FAILURES", "4")]);
+    let a = TestBff::start(settings(&idp, Some((&redis, &key)), &env)).await;
+    let b = TestBff::start(settings(&idp, Some((&redis, &key)), &env)).await;
+    for i in 0..4 {
+        let replica = if i % 2 == 0 { &a } else { &b };
+        let res = login_from(replica, "203.0.113.30", &format!("nobody{i}"), "guess").await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{}", res.body);
+    }
+    assert_throttled(
+        &login_from(&a, "203.0.113.30", "alice", PASSWORD).await,
+        300,
+    );
+    assert_throttled(
+        &login_from(&b, "203.0.113.30", "alice", PASSWORD).await,
+        300,
+    );
+    assert_eq!(idp.token_calls(), 4);
+}
+
+#[tokio::test]
+async fn concurrent_failed_logins_cannot_overshoot_the_limit() {
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let env = throttle_settings(&[("BFF__LOGIN_THROTTLE__PER_ADDRESS_FAILURES", "5")]);
+    let bff = TestBff::start(settings(&idp, Some((&redis, &key)), &env)).await;
+    let attempts = (0..40).map(|i| {
+        let bff = &bff;
+        async move {
+            login_from(bff, "203.0.113.40", &format!("nobody{i}"), "guess")
+                .await
+                .status
+        }
+    });
+    let statuses = join_all(attempts).await;
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(refused, 35, "{statuses:?}");
+    assert_eq!(
+        idp.token_calls(),
+        5,
+        "each attempt is counted before the call"
+    );
+}
+
+#[tokio::test]
+async fn the_identity_service_sees_the_end_users_address_and_user_agent() {
+    let idp = idp_with_alice(Duration::from_secs(120)).await;
+    let env = throttle_settings(&[("BFF__IDENTITY__REFRESH_SKEW_SECS", "60")]);
+    let bff = TestBff::start(settings(&idp, None, &env)).await;
+    // Not a browser's agent: the identity service gets what the client sent, not the substitute
+    // LibreChat is given.
+    let res = login_with(
+        &bff,
+        "alice",
+        PASSWORD,
+        &[
+            ("x-forwarded-for", "6.6.6.6, 198.51.100.7"),
+            ("user-agent", "okhttp/4.12.0"),
+        ],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    let seen = idp.seen_requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/api/token/");
+    assert_eq!(seen[0].forwarded_for, vec!["198.51.100.7".to_string()]);
+    assert_eq!(seen[0].user_agent.as_deref(), Some("okhttp/4.12.0"));
+
+    // A refresh made for a request carries that request's caller.
+    let cookie = res
+        .headers
+        .get(header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .expect("session cookie")
+        .to_owned();
+    bff.clock.advance(Duration::from_secs(70));
+    let me = reqwest::Client::new()
+        .get(format!("{}/auth/me", bff.base_url))
+        .header(header::COOKIE, cookie)
+        .header("x-forwarded-for", "198.51.100.8")
+        .header(header::USER_AGENT, "MyApp/2.1 (iOS 17)")
+        .send()
+        .await
+        .expect("me");
+    assert_eq!(me.status(), StatusCode::OK);
+    let seen = idp.seen_requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[1].path, "/api/token/refresh/");
+    assert_eq!(seen[1].forwarded_for, vec!["198.51.100.8".to_string()]);
+    assert_eq!(seen[1].user_agent.as_deref(), Some("MyApp/2.1 (iOS 17)"));
+
+    // Without trusted proxies a client-sent X-Forwarded-For is not believed.
+    let untrusted = TestBff::start(settings(&idp, None, &[])).await;
+    let res = login_with(
+        &untrusted,
+        "alice",
+        PASSWORD,
+        &[("x-forwarded-for", "198.51.100.7")],
+    )
+    .await;
+    assert_eq!(res.status, StatusCode::OK);
+    let seen = idp.seen_requests();
+    assert_eq!(seen[2].forwarded_for, vec!["127.0.0.1".to_string()]);
+    assert_eq!(seen[2].user_agent, None, "no agent sent, none invented");
+}
+
+#[tokio::test]
+async fn an_over_long_identifier_is_400_without_calling_the_identity_service() {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(&idp, None, &[])).await;
+    let res = login_with(&bff, &"a".repeat(257), "guess", &[]).await;
+    assert_eq!(res.status, StatusCode::BAD_REQUEST);
+    assert_eq!(res.body["error"], "bad_request");
+    assert!(res.body["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("256 bytes"));
+    assert_eq!(idp.token_calls(), 0);
+    // At the limit it is an ordinary (wrong) sign-in.
+    let res = login_with(&bff, &"a".repeat(256), "guess", &[]).await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(idp.token_calls(), 1);
+}
+
+#[tokio::test]
+async fn redis_down_during_the_throttle_check_is_503_without_calling_the_identity_service() {
+    let mut redis = RedisServer::start_with_aof().await;
+    let key = KeyRing::generate_key();
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(&idp, Some((&redis, &key)), &[])).await;
+    redis.stop().await;
+    let res = login_with(&bff, "alice", PASSWORD, &[]).await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{}", res.body);
+    assert_eq!(res.body["error"], "session_store_unavailable");
+    assert_eq!(idp.token_calls(), 0, "fail closed: no unthrottled attempt");
+    redis.restart().await;
+    let res = login_with(&bff, "alice", PASSWORD, &[]).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile identity tokens
+// ---------------------------------------------------------------------------------------------
+
+/// The identity service's own token endpoint: `{access, refresh}` for alice.
+async fn idp_tokens(idp: &FakeIdp) -> serde_json::Value {
+    reqwest::Client::new()
+        .post(format!("{}/api/token/", idp.base_url))
+        .json(&json!({"username": "alice", "password": PASSWORD}))
+        .send()
+        .await
+        .expect("token endpoint")
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test]
+async fn a_refresh_token_opens_no_session_no_chat_and_no_admin_api() {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    let bff = TestBff::start(settings(
+        &idp,
+        Some((&redis, &key)),
+        &[("BFF__ADMIN__GROUP", "staff".to_string())],
+    ))
+    .await;
+    let tokens = idp_tokens(&idp).await;
+    let refresh = tokens["refresh"].as_str().expect("refresh token");
+    let access = tokens["access"].as_str().expect("access token");
+    let mut client = bff.client();
+    // The access token works everywhere alice may go (she is in the admin group)...
+    assert_eq!(
+        client
+            .send(Method::GET, "/auth/me", None, Some(access))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client
+            .send(Method::GET, "/admin/jobs", None, Some(access))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // ...her refresh token nowhere.
+    for (method, path) in [
+        (Method::GET, "/auth/me"),
+        (Method::POST, "/auth/session"),
+        (Method::GET, "/api/chat/convos"),
+    ] {
+        let res = client.send(method, path, None, Some(refresh)).await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{path}: {}", res.body);
+        assert_eq!(res.body["error"], "invalid_token", "{path}");
+    }
+    let res = client
+        .send(Method::GET, "/admin/jobs", None, Some(refresh))
+        .await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN, "{}", res.body);
+    assert!(client.cookie.is_none(), "no session was opened");
+}
+
+#[tokio::test]
+async fn token_type_can_be_required_and_unmarked_tokens_pass_only_when_it_is_not() {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 300;
+    let unmarked = idp.mint_with_claims(json!({"user_id": "42", "exp": exp}));
+    let lenient = TestBff::start(settings(&idp, None, &[])).await;
+    let strict = TestBff::start(settings(
+        &idp,
+        None,
+        &[("BFF__IDENTITY__JWT__REQUIRE_TOKEN_TYPE", "true".to_string())],
+    ))
+    .await;
+    let me = |bff: &TestBff, token: String| {
+        let mut c = bff.client();
+        async move { c.send(Method::GET, "/auth/me", None, Some(&token)).await }
+    };
+    assert_eq!(me(&lenient, unmarked.clone()).await.status, StatusCode::OK);
+    assert_eq!(me(&strict, unmarked).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        me(&strict, idp.mint_access(42, Duration::from_secs(60)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let other = idp.mint_with_claims(json!({"user_id": "42", "exp": exp, "token_type": "id"}));
+    assert_eq!(me(&lenient, other).await.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn oversized_tokens_and_cookies_and_control_characters_in_claims_are_refused() {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(&idp, None, &[])).await;
+    let exp = time::OffsetDateTime::now_utc().unix_timestamp() + 300;
+    let mut client = bff.client();
+
+    // A validly signed 200 KB token is refused unparsed.
+    let padding = "x".repeat(200 * 1024);
+    let huge = idp.mint_with_claims(
+        json!({"user_id": "42", "exp": exp, "token_type": "access", "pad": padding}),
+    );
+    let res = client
+        .send(Method::GET, "/auth/me", None, Some(&huge))
+        .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(res.body["error"], "invalid_token");
+
+    for claims in [
+        json!({"user_id": "42\u{0}", "exp": exp, "token_type": "access"}),
+        json!({"user_id": "4\r\n2", "exp": exp, "token_type": "access"}),
+        json!({"user_id": "x".repeat(400), "exp": exp, "token_type": "access"}),
+        json!({"user_id": "42", "email": "a@b.co\r\nX-Evil: 1", "exp": exp, "token_type": "access"}),
+        json!({"user_id": "42", "name": "Al\u{7}ice", "exp": exp, "token_type": "access"}),
+    ] {
+        let token = idp.mint_with_claims(claims.clone());
+        let res = client
+            .send(Method::GET, "/auth/me", None, Some(&token))
+            .await;
+        assert_eq!(res.status, StatusCode::UNAUTHORIZED, "{claims}");
+        assert_eq!(res.body["error"], "invalid_token", "{claims}");
+    }
+
+    // A session cookie drowned in a 20 KB Cookie header is not looked up.
+    assert_eq!(client.login("alice", PASSWORD).await.status, StatusCode::OK);
+    assert_eq!(client.get("/auth/me").await.status, StatusCode::OK);
+    let cookie = client.cookie.clone().expect("session cookie");
+    client.cookie = Some(format!("{cookie}; junk={}", "j".repeat(20 * 1024)));
+    assert_eq!(
+        client.get("/auth/me").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}

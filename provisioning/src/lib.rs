@@ -11,4 +11,7 @@ pub mod workflow;
 
 pub use queue::{Delivery, Job, JobQueue, JobState, ProvisionRequest, QueueConfig, QueueError};
 pub use worker::{JobHandler, Outcome, Worker};
-pub use workflow::{AccountBackend, LibreChatFailure, ProvisionWorkflow, StoredCredential};
+pub use workflow::{
+    is_valid_email, normalize_email, AccountBackend, LibreChatFailure, ProvisionWorkflow,
+    StoredCredential,
+};

@@ -47,6 +47,9 @@ pub enum JobState {
     Delayed,
     Done,
     Dead,
+    /// Withdrawn before it finished (the user was deactivated): never runs again, and a worker
+    /// still running it cannot record another outcome.
+    Cancelled,
 }
 
 impl JobState {
@@ -179,10 +182,21 @@ redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return {1, ARGV[1]}
 "#;
 
+/// A job withdrawn (cancelled) while a worker ran it keeps that state: the outcome scripts only
+/// acknowledge the delivery then.
+const WITHDRAWN: &str = r#"
+local function withdrawn(job_key)
+  local raw = redis.call('GET', job_key)
+  if not raw then return false end
+  return cjson.decode(raw)['state'] == 'cancelled'
+end
+"#;
+
 // KEYS: stream, job, user, done. ARGV: entry, group, json, id, keep_done, ttl_secs
 const COMPLETE: &str = r#"
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
+if withdrawn(KEYS[2]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[6])
 if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 redis.call('LPUSH', KEYS[4], ARGV[4])
@@ -194,6 +208,7 @@ return 1
 const DELAY: &str = r#"
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
+if withdrawn(KEYS[2]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
 return 1
@@ -203,6 +218,7 @@ return 1
 const BURY: &str = r#"
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
+if withdrawn(KEYS[2]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[7])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', ARGV[4], 'reason', ARGV[5], 'at', ARGV[6])
 if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
@@ -215,6 +231,7 @@ if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local raw = redis.call('GET', KEYS[3])
 if not raw then return 0 end
 local job = cjson.decode(raw)
+if job['state'] ~= 'delayed' then return 0 end
 job['state'] = 'pending'
 redis.call('SET', KEYS[3], cjson.encode(job))
 redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
@@ -231,6 +248,27 @@ redis.call('PERSIST', KEYS[1])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
 return {1, ARGV[1]}
 "#;
+
+// KEYS: user, job, delayed. ARGV: id, reason, now, ttl_secs
+const CANCEL: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+local raw = redis.call('GET', KEYS[2])
+if not raw then return 1 end
+local job = cjson.decode(raw)
+job['state'] = 'cancelled'
+job['last_error'] = ARGV[2]
+job['updated_at'] = tonumber(ARGV[3])
+job['next_run_at'] = cjson.null
+redis.call('SET', KEYS[2], cjson.encode(job), 'EX', ARGV[4])
+return 1
+"#;
+
+/// An outcome script with the [`WITHDRAWN`] check available.
+fn outcome_script(body: &str) -> Script {
+    Script::new(&format!("{WITHDRAWN}\n{body}"))
+}
 
 async fn create_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), QueueError> {
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
@@ -519,7 +557,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let _: i64 = Script::new(COMPLETE)
+        let _: i64 = outcome_script(COMPLETE)
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.user_key(&job.request.user_id))
@@ -561,7 +599,7 @@ impl JobQueue {
         job.next_run_at = Some((due_ms / 1000) as i64);
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let _: i64 = Script::new(DELAY)
+        let _: i64 = outcome_script(DELAY)
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.delayed())
@@ -598,7 +636,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let _: i64 = Script::new(BURY)
+        let _: i64 = outcome_script(BURY)
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.dead())
@@ -614,6 +652,30 @@ impl JobQueue {
             .await?;
         tracing::warn!(job = %job.id, user = %job.request.user_id, "job dead-lettered");
         Ok(())
+    }
+
+    /// Withdraws the user's active job (pending, delayed or running), if any: it will not run
+    /// again, and a worker running it now cannot record an outcome. Returns the job id.
+    pub async fn cancel_user(
+        &self,
+        user_id: &str,
+        reason: &str,
+    ) -> Result<Option<String>, QueueError> {
+        let Some(id) = self.active_job_of(user_id).await? else {
+            return Ok(None);
+        };
+        let mut conn = self.conn().await?;
+        let cancelled: i64 = Script::new(CANCEL)
+            .key(self.user_key(user_id))
+            .key(self.job_key(&id))
+            .key(self.delayed())
+            .arg(&id)
+            .arg(reason)
+            .arg(now())
+            .arg(self.cfg.keep_finished.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok((cancelled == 1).then_some(id))
     }
 
     /// Runs a dead (or finished) job again with fresh attempts. If the user meanwhile has another
@@ -658,6 +720,8 @@ impl JobQueue {
             }
             JobState::Delayed => conn.zrange(self.delayed(), 0, limit as isize - 1).await?,
             JobState::Done => conn.lrange(self.done(), 0, limit as isize - 1).await?,
+            // Not indexed: a cancelled job is found through its user.
+            JobState::Cancelled => Vec::new(),
             JobState::Pending | JobState::Running => {
                 let reply: redis::streams::StreamRangeReply =
                     conn.xrange_count(self.stream(), "-", "+", limit).await?;

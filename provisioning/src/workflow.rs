@@ -40,11 +40,59 @@ pub enum StoredCredential {
     None,
     /// Ready: nothing to do.
     Ready,
-    /// A password exists but is not confirmed (`provisioning`, `drifted` or `conflict`).
+    /// Deactivated: nothing may be done until ops or the identity service register them again.
+    Disabled,
+    /// A password exists but is not confirmed (`provisioning`, `drifted` or `conflict`). `email`
+    /// is the one the account was created with: it stays the account's key for good.
     Unconfirmed {
         password: String,
+        email: String,
         drifted: bool,
     },
+}
+
+/// LibreChat's own form of an email (it trims and lower-cases on register and login), so two
+/// spellings of one address are one account — and one binding.
+pub fn normalize_email(email: &str) -> String {
+    email.trim().to_lowercase()
+}
+
+/// Whether `email` (normalised) is an address LibreChat's validator and any mail system would
+/// take: `local@domain.tld`, at most 254 characters (local part 64), no spaces, quotes, angle
+/// brackets or control characters, no leading/trailing/double dots.
+pub fn is_valid_email(email: &str) -> bool {
+    // Control characters anywhere (a trailing CR/LF included) are refused, not trimmed.
+    if email.chars().any(char::is_control) {
+        return false;
+    }
+    let email = email.trim();
+    if email.len() > 254 || email.chars().any(char::is_whitespace) {
+        return false;
+    }
+    let Some((local, domain)) = email.rsplit_once('@') else {
+        return false;
+    };
+    let dots_ok = |s: &str| !s.starts_with('.') && !s.ends_with('.') && !s.contains("..");
+    let local_ok = !local.is_empty()
+        && local.len() <= 64
+        && dots_ok(local)
+        && local
+            .chars()
+            .all(|c| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~.".contains(c));
+    let labels: Vec<&str> = domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && dots_ok(domain)
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
+        && labels
+            .last()
+            .is_some_and(|tld| tld.len() >= 2 && tld.chars().all(char::is_alphabetic));
+    local_ok && domain_ok
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,18 +103,30 @@ pub struct BackendError(pub String);
 #[async_trait]
 pub trait AccountBackend: Send + Sync + 'static {
     async fn credential(&self, user_id: &str) -> Result<StoredCredential, BackendError>;
-    /// Stores `password` for the user with status `provisioning`.
+    /// Stores `password` for the user with status `provisioning`, unless the user has a record
+    /// already (`false`: e.g. a deactivation arrived meanwhile).
     async fn store_password(
         &self,
         request: &ProvisionRequest,
         password: &str,
-    ) -> Result<(), BackendError>;
+    ) -> Result<bool, BackendError>;
+    /// `false`: the user was deactivated meanwhile and stays so.
     async fn mark_ready(
         &self,
         user_id: &str,
         librechat_user_id: Option<&str>,
+    ) -> Result<bool, BackendError>;
+    async fn mark_conflict(
+        &self,
+        user_id: &str,
+        email: &str,
+        message: &str,
     ) -> Result<(), BackendError>;
-    async fn mark_conflict(&self, user_id: &str, message: &str) -> Result<(), BackendError>;
+    /// Binds `email` to `user_id` unless another user holds it; returns that other user.
+    async fn bind_email(&self, user_id: &str, email: &str) -> Result<Option<String>, BackendError>;
+    /// Called before a product user is registered: LibreChat makes its FIRST account `ADMIN`,
+    /// so that account must be the BFF's reserved service account, never a product user.
+    async fn prepare_registration(&self) -> Result<(), LibreChatFailure>;
 
     async fn register(
         &self,
@@ -132,28 +192,67 @@ impl<B: AccountBackend> ProvisionWorkflow<B> {
 
     async fn steps(&self, req: &ProvisionRequest) -> Result<Outcome, BackendError> {
         let b = &self.backend;
-        let (password, drifted) = match b.credential(&req.user_id).await? {
-            StoredCredential::Ready => return Ok(Outcome::Done),
-            StoredCredential::Unconfirmed { password, drifted } => (password, drifted),
-            StoredCredential::None => {
-                let password = generate_password();
-                b.store_password(req, &password).await?;
-                (password, false)
-            }
+        let deactivated = || Outcome::Dead {
+            reason: format!("user {} is deactivated", req.user_id),
         };
+        let (password, email, drifted, stored) = match b.credential(&req.user_id).await? {
+            StoredCredential::Ready => return Ok(Outcome::Done),
+            StoredCredential::Disabled => return Ok(deactivated()),
+            StoredCredential::Unconfirmed {
+                password,
+                email,
+                drifted,
+            } => (password, email, drifted, true),
+            StoredCredential::None => (
+                generate_password(),
+                normalize_email(&req.email),
+                false,
+                false,
+            ),
+        };
+        // LibreChat accounts are keyed by email: only the user the email is bound to may
+        // register, log in to or reset that account — never anyone else.
+        if let Some(owner) = b.bind_email(&req.user_id, &email).await? {
+            let msg = format!(
+                "the email of user {} is already bound to {owner}, who owns that \
+                 LibreChat account; nothing was registered or reset. Fix: find out at the identity \
+                 service which of the two users really owns the address; the BFF never moves a \
+                 LibreChat account between users (see README, Security model)",
+                req.user_id
+            );
+            b.mark_conflict(&req.user_id, &email, &msg).await?;
+            return Ok(Outcome::Dead { reason: msg });
+        }
+        if !stored {
+            let mut with_email = req.clone();
+            with_email.email = email.clone();
+            if !b.store_password(&with_email, &password).await? {
+                // A record appeared meanwhile (a deactivation, another run): start over later.
+                return Ok(Outcome::Retry {
+                    error: "the credential changed while provisioning started".into(),
+                    after: Some(Duration::from_secs(1)),
+                    spend_attempt: true,
+                });
+            }
+        }
         // A drifted credential belongs to an account that exists: skip registration.
         if !drifted {
-            let name = librechat_name(req.name.as_deref(), &req.email);
-            if let Err(f) = b.register(&name, &req.email, &password).await {
+            if let Err(f) = b.prepare_registration().await {
+                return Ok(failure_outcome("register (the BFF's service account)", f));
+            }
+            let name = librechat_name(req.name.as_deref(), &email);
+            if let Err(f) = b.register(&name, &email, &password).await {
                 return Ok(failure_outcome("register", f));
             }
         }
-        match b.login(&req.email, &password).await {
+        match b.login(&email, &password).await {
             Ok(librechat_id) => {
-                b.mark_ready(&req.user_id, librechat_id.as_deref()).await?;
+                if !b.mark_ready(&req.user_id, librechat_id.as_deref()).await? {
+                    return Ok(deactivated());
+                }
                 Ok(Outcome::Done)
             }
-            Err(LibreChatFailure::BadCredentials) => self.recover(req, &password).await,
+            Err(LibreChatFailure::BadCredentials) => self.recover(req, &email, &password).await,
             Err(f) => Ok(failure_outcome("login", f)),
         }
     }
@@ -162,6 +261,7 @@ impl<B: AccountBackend> ProvisionWorkflow<B> {
     async fn recover(
         &self,
         req: &ProvisionRequest,
+        email: &str,
         password: &str,
     ) -> Result<Outcome, BackendError> {
         let b = &self.backend;
@@ -170,35 +270,41 @@ impl<B: AccountBackend> ProvisionWorkflow<B> {
                 "LibreChat already has an account for {} with a password the BFF does not know, \
                  and {why}. Fix: set ALLOW_PASSWORD_RESET=true on LibreChat with no email service \
                  configured, then retry this job; or delete that LibreChat account and retry.",
-                req.email
+                email
             )
         };
-        let link = match b.request_reset(&req.email).await {
+        let link = match b.request_reset(email).await {
             Ok(Some(link)) => link,
             Ok(None) => {
                 let msg = conflict("LibreChat mails reset links instead of returning them");
-                b.mark_conflict(&req.user_id, &msg).await?;
+                b.mark_conflict(&req.user_id, email, &msg).await?;
                 return Ok(Outcome::Dead { reason: msg });
             }
             Err(LibreChatFailure::Disabled(_)) => {
                 let msg = conflict("password reset is disabled (ALLOW_PASSWORD_RESET)");
-                b.mark_conflict(&req.user_id, &msg).await?;
+                b.mark_conflict(&req.user_id, email, &msg).await?;
                 return Ok(Outcome::Dead { reason: msg });
             }
             Err(f) => return Ok(failure_outcome("requestPasswordReset", f)),
         };
         let Some((token, librechat_id)) = parse_reset_link(&link) else {
             let msg = conflict("the reset link has no token/userId");
-            b.mark_conflict(&req.user_id, &msg).await?;
+            b.mark_conflict(&req.user_id, email, &msg).await?;
             return Ok(Outcome::Dead { reason: msg });
         };
         if let Err(f) = b.reset_password(&librechat_id, &token, password).await {
             return Ok(failure_outcome("resetPassword", f));
         }
-        match b.login(&req.email, password).await {
+        match b.login(email, password).await {
             Ok(id) => {
-                b.mark_ready(&req.user_id, id.as_deref().or(Some(&librechat_id)))
-                    .await?;
+                if !b
+                    .mark_ready(&req.user_id, id.as_deref().or(Some(&librechat_id)))
+                    .await?
+                {
+                    return Ok(Outcome::Dead {
+                        reason: format!("user {} is deactivated", req.user_id),
+                    });
+                }
                 tracing::info!(user = %req.user_id, "LibreChat password recovered through reset");
                 Ok(Outcome::Done)
             }
@@ -268,6 +374,34 @@ mod tests {
             librechat_name(Some("Zoë Ölund"), "z@example.com"),
             "Zoë Ölund"
         );
+    }
+
+    #[test]
+    fn emails_are_validated_and_normalised() {
+        assert_eq!(normalize_email("  Alice@Example.COM "), "alice@example.com");
+        for ok in ["a@b.co", "first.last+tag@sub.example.org", "Zoë@exämple.de"] {
+            assert!(is_valid_email(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "a",
+            "a@b",
+            "@b.co",
+            "a@.co",
+            "a@b.c",
+            "a b@c.de",
+            "a@b.co\r\nBcc: x@y.zz",
+            "a\u{0}@b.co",
+            "a..b@c.de",
+            ".a@b.co",
+            "a@b..co",
+            "<a@b.co>",
+            "a@-b.co",
+            "a@b.c0",
+        ] {
+            assert!(!is_valid_email(bad), "{bad:?}");
+        }
+        assert!(!is_valid_email(&format!("{}@b.co", "a".repeat(65))));
     }
 
     #[test]

@@ -1021,3 +1021,72 @@ async fn several_workers_handle_each_user_exactly_once() {
         "the work was shared between workers: {by_worker:?}"
     );
 }
+
+#[tokio::test]
+async fn a_cancelled_job_never_runs_again_and_its_running_worker_cannot_finish_it() {
+    let server = RedisServer::start().await;
+    let q = queue(&server, config(&server));
+
+    // Pending: cancelled before any worker reads it → never delivered.
+    let (pending_id, _) = q.enqueue(request("dave")).await.expect("enqueue");
+    assert_eq!(
+        q.cancel_user("dave", "cancelled: user deactivated")
+            .await
+            .expect("cancel"),
+        Some(pending_id.clone())
+    );
+    let mut reader = q.reader_connection().await.expect("reader");
+    let got = q
+        .read(&mut reader, "w1", 10, Duration::from_millis(50))
+        .await
+        .expect("read");
+    assert!(got.is_empty(), "a cancelled job was delivered: {got:?}");
+    let job = q.job(&pending_id).await.expect("job").expect("kept");
+    assert_eq!(job.state, JobState::Cancelled);
+    assert_eq!(
+        job.last_error.as_deref(),
+        Some("cancelled: user deactivated")
+    );
+    assert_eq!(q.active_job_of("dave").await.expect("active"), None);
+
+    // Running: the worker holding it records an outcome after the cancel; the job stays
+    // cancelled and the delivery is acknowledged.
+    let (running_id, _) = q.enqueue(request("erin")).await.expect("enqueue");
+    let taken = q
+        .read(&mut reader, "w1", 10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        q.cancel_user("erin", "cancelled: user deactivated")
+            .await
+            .expect("cancel"),
+        Some(running_id.clone())
+    );
+    q.complete(&taken[0]).await.expect("complete");
+    assert_eq!(
+        q.job(&running_id).await.expect("job").map(|j| j.state),
+        Some(JobState::Cancelled),
+        "a stale worker resurrected a cancelled job"
+    );
+    assert!(pending(&server).await.is_empty());
+
+    // Delayed: cancelled while waiting for its retry → never promoted.
+    let (delayed_id, _) = q.enqueue(request("finn")).await.expect("enqueue");
+    let taken = q
+        .read(&mut reader, "w1", 10, Duration::from_millis(100))
+        .await
+        .expect("read");
+    q.retry(&taken[0], "try later".into(), Some(Duration::ZERO), true)
+        .await
+        .expect("retry");
+    q.cancel_user("finn", "cancelled").await.expect("cancel");
+    assert_eq!(q.promote_due().await.expect("promote"), 0);
+    assert_eq!(
+        q.job(&delayed_id).await.expect("job").map(|j| j.state),
+        Some(JobState::Cancelled)
+    );
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
+    // Nothing left to cancel.
+    assert_eq!(q.cancel_user("finn", "again").await.expect("cancel"), None);
+}

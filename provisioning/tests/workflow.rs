@@ -29,6 +29,11 @@ enum Call {
         user: String,
         message: String,
     },
+    BindEmail {
+        user: String,
+        email: String,
+    },
+    PrepareRegistration,
     Register {
         name: String,
         email: String,
@@ -52,6 +57,10 @@ enum Call {
 struct Scripted {
     credential: Result<StoredCredential, String>,
     store_fails: bool,
+    /// Another identity user the email is bound to.
+    email_owner: Option<String>,
+    /// `mark_ready` finds the user deactivated.
+    deactivated_meanwhile: bool,
     register: VecDeque<Result<(), LibreChatFailure>>,
     login: VecDeque<Result<Option<String>, LibreChatFailure>>,
     request_reset: VecDeque<ResetAnswer>,
@@ -63,6 +72,8 @@ impl Default for Scripted {
         Self {
             credential: Ok(StoredCredential::None),
             store_fails: false,
+            email_owner: None,
+            deactivated_meanwhile: false,
             register: VecDeque::new(),
             login: VecDeque::new(),
             request_reset: VecDeque::new(),
@@ -91,8 +102,17 @@ impl Backend {
         self.0.calls.lock().expect("lock").push(call);
     }
 
-    fn calls(&self) -> Vec<Call> {
+    /// Every call, in order, the gates (binding, service account) included.
+    fn all_calls(&self) -> Vec<Call> {
         self.0.calls.lock().expect("lock").clone()
+    }
+
+    /// The calls without the gates.
+    fn calls(&self) -> Vec<Call> {
+        self.all_calls()
+            .into_iter()
+            .filter(|c| !matches!(c, Call::BindEmail { .. } | Call::PrepareRegistration))
+            .collect()
     }
 
     fn script(&self) -> std::sync::MutexGuard<'_, Scripted> {
@@ -134,7 +154,7 @@ impl AccountBackend for Backend {
         &self,
         request: &ProvisionRequest,
         password: &str,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         self.record(Call::StorePassword {
             user: request.user_id.clone(),
             password: password.to_owned(),
@@ -142,26 +162,44 @@ impl AccountBackend for Backend {
         if self.script().store_fails {
             return Err(BackendError("vault is read-only".into()));
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn mark_ready(
         &self,
         user_id: &str,
         librechat_user_id: Option<&str>,
-    ) -> Result<(), BackendError> {
+    ) -> Result<bool, BackendError> {
         self.record(Call::MarkReady {
             user: user_id.to_owned(),
             librechat_id: librechat_user_id.map(str::to_owned),
         });
-        Ok(())
+        Ok(!self.script().deactivated_meanwhile)
     }
 
-    async fn mark_conflict(&self, user_id: &str, message: &str) -> Result<(), BackendError> {
+    async fn mark_conflict(
+        &self,
+        user_id: &str,
+        _email: &str,
+        message: &str,
+    ) -> Result<(), BackendError> {
         self.record(Call::MarkConflict {
             user: user_id.to_owned(),
             message: message.to_owned(),
         });
+        Ok(())
+    }
+
+    async fn bind_email(&self, user_id: &str, email: &str) -> Result<Option<String>, BackendError> {
+        self.record(Call::BindEmail {
+            user: user_id.to_owned(),
+            email: email.to_owned(),
+        });
+        Ok(self.script().email_owner.clone())
+    }
+
+    async fn prepare_registration(&self) -> Result<(), LibreChatFailure> {
+        self.record(Call::PrepareRegistration);
         Ok(())
     }
 
@@ -236,6 +274,7 @@ async fn run(script: Scripted) -> (Outcome, Backend) {
 fn unconfirmed(password: &str, drifted: bool) -> Result<StoredCredential, String> {
     Ok(StoredCredential::Unconfirmed {
         password: password.into(),
+        email: EMAIL.into(),
         drifted,
     })
 }
@@ -265,6 +304,98 @@ fn ready(librechat_id: Option<&str>) -> Call {
 // ---------------------------------------------------------------------------------------------
 // The happy path
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_email_is_bound_before_anything_is_stored_or_registered() {
+    let (outcome, b) = run(Scripted::default()).await;
+    assert_eq!(outcome, Outcome::Done);
+    let calls = b.all_calls();
+    let at = |pred: &dyn Fn(&Call) -> bool| calls.iter().position(pred).expect("call made");
+    let bind = at(&|c| matches!(c, Call::BindEmail { .. }));
+    let store = at(&|c| matches!(c, Call::StorePassword { .. }));
+    let prepare = at(&|c| matches!(c, Call::PrepareRegistration));
+    let register = at(&|c| matches!(c, Call::Register { .. }));
+    assert!(
+        bind < store && store < prepare && prepare < register,
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls[bind],
+        Call::BindEmail {
+            user: USER.into(),
+            email: EMAIL.into()
+        }
+    );
+}
+
+#[tokio::test]
+async fn an_email_bound_to_another_user_is_never_registered_logged_in_or_reset() {
+    for credential in [
+        Ok(StoredCredential::None),
+        unconfirmed("pw-of-this-user", true),
+        unconfirmed("pw-of-this-user", false),
+    ] {
+        let (outcome, b) = run(Scripted {
+            credential,
+            email_owner: Some("identity user victim-7".into()),
+            ..Scripted::default()
+        })
+        .await;
+        assert!(
+            b.librechat_calls().is_empty(),
+            "LibreChat was called for an email bound to someone else: {:?}",
+            b.calls()
+        );
+        assert!(
+            !b.calls()
+                .iter()
+                .any(|c| matches!(c, Call::StorePassword { .. } | Call::MarkReady { .. })),
+            "{:?}",
+            b.calls()
+        );
+        let conflict = b.calls().into_iter().find_map(|c| match c {
+            Call::MarkConflict { message, .. } => Some(message),
+            _ => None,
+        });
+        let message = conflict.expect("the user is marked conflict");
+        assert!(
+            message.contains(USER) && message.contains("victim-7"),
+            "the message names both users: {message}"
+        );
+        match outcome {
+            Outcome::Dead { reason } => assert!(reason.contains("victim-7"), "{reason}"),
+            other => panic!("expected dead, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_deactivated_user_is_not_provisioned() {
+    let (outcome, b) = run(Scripted {
+        credential: Ok(StoredCredential::Disabled),
+        ..Scripted::default()
+    })
+    .await;
+    assert_eq!(b.all_calls(), vec![Call::Credential(USER.into())]);
+    assert!(matches!(outcome, Outcome::Dead { reason } if reason.contains("deactivated")));
+}
+
+#[tokio::test]
+async fn a_deactivation_during_the_run_ends_it_dead_not_done() {
+    let (outcome, b) = run(Scripted {
+        deactivated_meanwhile: true,
+        ..Scripted::default()
+    })
+    .await;
+    assert!(b
+        .calls()
+        .iter()
+        .any(|c| matches!(c, Call::MarkReady { .. })));
+    assert!(
+        matches!(&outcome, Outcome::Dead { reason } if reason.contains("deactivated")),
+        "{outcome:?}"
+    );
+}
 
 #[tokio::test]
 async fn a_new_user_gets_a_password_stored_before_registering_then_is_confirmed() {

@@ -17,9 +17,7 @@ use serde_json::json;
 use sha2::Sha256;
 
 use super::ops::{self, NewUser};
-use crate::{
-    app::AppState, credentials::vault::CredentialStatus, error::ApiError, extract::parse_json,
-};
+use crate::{app::AppState, error::ApiError, extract::parse_json};
 
 #[derive(Deserialize)]
 struct HookEvent {
@@ -34,6 +32,9 @@ struct HookUser {
     email: Option<String>,
     #[serde(default)]
     name: Option<String>,
+    /// Django's `is_active`: on `user.updated`, false deactivates and true registers again.
+    #[serde(default)]
+    is_active: Option<bool>,
 }
 
 /// The signature header value for `body` at `timestamp` (what the identity service sends).
@@ -88,12 +89,27 @@ pub async fn users(
             ))
         }
     };
+    let deactivated = event.event == "user.deactivated"
+        || (event.event == "user.updated" && event.user.is_active == Some(false));
+    if deactivated {
+        let outcome = ops::deactivate(&state, &user_id, "deactivated by the identity service")
+            .await
+            .map_err(ApiError::from)?;
+        return Ok(Json(outcome).into_response());
+    }
     match event.event.as_str() {
         "user.created" | "user.updated" => {
             let email = event
                 .user
                 .email
                 .ok_or_else(|| ApiError::BadRequest("`user.email` is required.".into()))?;
+            // Only a creation or an explicit `is_active: true` lifts a deactivation.
+            let reactivation =
+                if event.event == "user.created" || event.user.is_active == Some(true) {
+                    ops::Reactivation::Lift
+                } else {
+                    ops::Reactivation::Keep
+                };
             let (job_id, created) = ops::add_user(
                 &state,
                 NewUser {
@@ -102,6 +118,7 @@ pub async fn users(
                     name: event.user.name,
                 },
                 "webhook",
+                reactivation,
             )
             .await?;
             Ok((
@@ -109,27 +126,6 @@ pub async fn users(
                 Json(json!({ "job_id": job_id, "created": created })),
             )
                 .into_response())
-        }
-        "user.deactivated" => {
-            state
-                .vault
-                .set_status(
-                    &user_id,
-                    CredentialStatus::Disabled,
-                    Some("deactivated by the identity service".into()),
-                )
-                .await
-                .map_err(|e| ApiError::from(ops::OpsError::from(e)))?;
-            let revoked = state.sessions.revoke_all(&user_id).await?;
-            if let Err(e) = state
-                .tokens
-                .sign_out(&user_id, state.provisioner.caller())
-                .await
-            {
-                tracing::warn!(user = %user_id, error = %e, "LibreChat sign-out of a deactivated user failed");
-            }
-            tracing::info!(user = %user_id, revoked, "user deactivated by the identity service");
-            Ok(Json(json!({ "revoked": revoked })).into_response())
         }
         other => Err(ApiError::BadRequest(format!(
             "Unknown event {other:?}: expected user.created, user.updated or user.deactivated."

@@ -62,6 +62,9 @@ impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
         match e {
             OpsError::Invalid(m) => ApiError::BadRequest(m),
+            OpsError::Provision(e @ crate::provision::ProvisionError::EmailTaken { .. }) => {
+                ApiError::Conflict("email_conflict", e.to_string())
+            }
             other => {
                 tracing::warn!(error = %other, "admin operation failed");
                 ApiError::SessionStoreUnavailable
@@ -76,7 +79,7 @@ pub async fn add_user(
     _: AdminCaller,
     JsonBody(user): JsonBody<NewUser>,
 ) -> Result<Response, ApiError> {
-    let (job_id, created) = ops::add_user(&state, user, "admin").await?;
+    let (job_id, created) = ops::add_user(&state, user, "admin", ops::Reactivation::Lift).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "job_id": job_id, "created": created })),
@@ -131,6 +134,18 @@ pub async fn retry_job(
         Err(provisioning::QueueError::NotFound(_)) => Err(ApiError::NotFound),
         Err(e) => Err(OpsError::from(e).into()),
     }
+}
+
+/// `POST /admin/users/{id}/deactivate` → `{revoked: N, cancelled_job}`: what the identity
+/// service's `user.deactivated` webhook does, for ops.
+pub async fn deactivate_user(
+    State(state): State<AppState>,
+    _: AdminCaller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(
+        ops::deactivate(&state, &id, "deactivated by an operator").await?,
+    ))
 }
 
 /// `DELETE /admin/users/{id}/sessions` → `{revoked: N}`.

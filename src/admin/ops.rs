@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use crate::{
     app::AppState,
-    credentials::vault::{CredentialStatus, VaultError},
+    credentials::vault::{CredentialStatus, EmailOwner, VaultError},
     provision::ProvisionError,
 };
 
@@ -16,6 +16,8 @@ use crate::{
 pub enum OpsError {
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
     #[error(transparent)]
     Vault(#[from] VaultError),
     #[error("queue: {0}")]
@@ -34,6 +36,18 @@ pub struct NewUser {
     pub name: Option<String>,
 }
 
+/// Longest user id or name ops may register (ids become Redis keys and log fields).
+const MAX_FIELD_CHARS: usize = 256;
+
+fn clean_text(field: &str, value: &str) -> Result<(), OpsError> {
+    if value.chars().count() > MAX_FIELD_CHARS || value.chars().any(char::is_control) {
+        return Err(OpsError::Invalid(format!(
+            "`{field}` must be at most {MAX_FIELD_CHARS} characters without control characters"
+        )));
+    }
+    Ok(())
+}
+
 impl NewUser {
     pub fn validate(&self) -> Result<(), OpsError> {
         if self.user_id.trim().is_empty() || self.user_id.contains(char::is_whitespace) {
@@ -41,18 +55,26 @@ impl NewUser {
                 "`user_id` must be a non-empty id without spaces".into(),
             ));
         }
-        let email = self.email.trim();
-        let valid = email
-            .split_once('@')
-            .is_some_and(|(l, d)| !l.is_empty() && d.contains('.') && !d.starts_with('.'));
-        if !valid {
+        clean_text("user_id", &self.user_id)?;
+        if let Some(name) = &self.name {
+            clean_text("name", name)?;
+        }
+        if !provisioning::is_valid_email(&self.email) {
             return Err(OpsError::Invalid(format!(
                 "`email` {:?} is not an email address",
-                self.email
+                self.email.chars().take(MAX_FIELD_CHARS).collect::<String>()
             )));
         }
         Ok(())
     }
+}
+
+/// Whether registering a user also lifts a deactivation: explicit registrations by ops and the
+/// identity service's `user.created` do; an ordinary `user.updated` does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reactivation {
+    Lift,
+    Keep,
 }
 
 /// Enqueues provisioning; returns the job id and whether it is new.
@@ -60,17 +82,45 @@ pub async fn add_user(
     state: &AppState,
     user: NewUser,
     source: &str,
+    reactivation: Reactivation,
 ) -> Result<(String, bool), OpsError> {
     user.validate()?;
+    let user_id = user.user_id.trim().to_owned();
+    if reactivation == Reactivation::Lift && state.vault.reactivate(&user_id).await? {
+        tracing::info!(user = %user_id, source, "deactivated user registered again");
+    }
     Ok(state
         .provisioner
         .enqueue(ProvisionRequest {
-            user_id: user.user_id.trim().to_owned(),
-            email: user.email.trim().to_lowercase(),
+            user_id,
+            email: provisioning::normalize_email(&user.email),
             name: user.name.filter(|n| !n.trim().is_empty()),
             source: source.to_owned(),
         })
         .await?)
+}
+
+/// Deactivates a user everywhere, durably: the credential (or a tombstone, when provisioning has
+/// not stored one yet) is marked disabled and no later provisioning step can undo that, the
+/// user's pending or running job is withdrawn, every session ends, the LibreChat login is
+/// signed out and every replica drops its in-process copy of it.
+pub async fn deactivate(state: &AppState, user_id: &str, reason: &str) -> Result<Value, OpsError> {
+    state.vault.disable(user_id, reason).await?;
+    let cancelled = state
+        .provisioner
+        .queue
+        .cancel_user(user_id, &format!("cancelled: {reason}"))
+        .await?;
+    let revoked = state.sessions.revoke_all(user_id).await?;
+    if let Err(e) = state
+        .tokens
+        .sign_out(user_id, state.provisioner.caller())
+        .await
+    {
+        tracing::warn!(user = %user_id, error = %e, "LibreChat sign-out of a deactivated user failed");
+    }
+    tracing::info!(user = %user_id, revoked, cancelled_job = ?cancelled, "user deactivated");
+    Ok(json!({ "revoked": revoked, "cancelled_job": cancelled }))
 }
 
 /// Everything ops may know about a user; never the password. `None`: unknown user.
@@ -86,6 +136,7 @@ pub async fn user_status(state: &AppState, user_id: &str) -> Result<Option<Value
     }
     let state_name = match (&record, &job) {
         (Some(r), _) if r.status == CredentialStatus::Ready => "ready".to_owned(),
+        (Some(r), _) if r.status == CredentialStatus::Disabled => "disabled".to_owned(),
         (_, Some(j)) => format!("{:?}", j.state).to_lowercase(),
         (Some(r), None) => serde_json::to_value(r.status)
             .ok()
@@ -182,6 +233,8 @@ pub async fn import_csv(state: &AppState, input: impl Read) -> Result<ImportRepo
             report.rejected.push(format!("line {line}: {e}"));
             continue;
         }
+        let user_id = user.user_id.trim().to_owned();
+        let email = provisioning::normalize_email(&user.email);
         match row.librechat_password_encrypted.filter(|p| !p.is_empty()) {
             Some(token) => {
                 // Decrypt to prove the ring can read it, then keep the token as is.
@@ -191,10 +244,16 @@ pub async fn import_csv(state: &AppState, input: impl Read) -> Result<ImportRepo
                     ));
                     continue;
                 }
+                if let EmailOwner::Other(owner) = state.vault.bind_email(&email, &user_id).await? {
+                    report.rejected.push(format!(
+                        "line {line}: the email is already bound to identity user {owner}"
+                    ));
+                    continue;
+                }
                 let now = state.clock.now().unix_timestamp();
                 let record = crate::credentials::vault::CredentialRecord {
-                    user_id: user.user_id.trim().to_owned(),
-                    email: user.email.trim().to_lowercase(),
+                    user_id: user_id.clone(),
+                    email,
                     name: user.name.clone(),
                     librechat_user_id: None,
                     password: token,
@@ -203,11 +262,23 @@ pub async fn import_csv(state: &AppState, input: impl Read) -> Result<ImportRepo
                     updated_at: now,
                     last_error: None,
                 };
-                state.vault.put(&record).await?;
+                if !state.vault.create(&record).await? {
+                    report.rejected.push(format!(
+                        "line {line}: user {user_id} already has a credential; left as is"
+                    ));
+                    continue;
+                }
                 report.migrated += 1;
             }
             None => {
-                let (_, created) = add_user(state, user, "import").await?;
+                let added = add_user(state, user, "import", Reactivation::Lift).await;
+                let (_, created) = match added {
+                    Err(OpsError::Provision(e @ ProvisionError::EmailTaken { .. })) => {
+                        report.rejected.push(format!("line {line}: {e}"));
+                        continue;
+                    }
+                    other => other?,
+                };
                 if created {
                     report.enqueued += 1;
                 } else {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CryptoError, KeyRing};
 use crate::{clock::Clock, redis_conn::RedisHandle};
+use redis::AsyncCommands;
 
 use std::sync::Arc;
 
@@ -70,6 +71,39 @@ pub enum VaultError {
     Corrupt(String),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
+    #[error("credential record of user {0} has no password (deactivated before provisioning)")]
+    NoPassword(String),
+    #[error("credential record of user {0} keeps changing; gave up")]
+    Contended(String),
+}
+
+/// Why [`CredentialVault::update`] left a record alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The user is deactivated: no transition but reactivation leaves that state.
+    Disabled,
+    NotDisabled,
+    /// A deactivation written before any provisioning: it holds no password.
+    Tombstone,
+}
+
+/// What [`CredentialVault::update`] did.
+#[derive(Debug, Clone)]
+pub enum Updated {
+    Done(CredentialRecord),
+    Missing,
+    Refused(Refusal, CredentialStatus),
+}
+
+/// Who holds an email after [`CredentialVault::bind_email`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmailOwner {
+    This,
+    Other(String),
+}
+
+fn encode(record: &CredentialRecord) -> Result<String, VaultError> {
+    serde_json::to_string(record).map_err(|_| VaultError::Corrupt(record.user_id.clone()))
 }
 
 /// What `credentials rotate` did.
@@ -86,6 +120,8 @@ pub struct CredentialVault {
     redis: RedisHandle,
     keyring: Arc<KeyRing>,
     clock: Arc<dyn Clock>,
+    /// Set once this process knows the email index exists.
+    email_index_ready: Arc<std::sync::OnceLock<()>>,
 }
 
 impl std::fmt::Debug for CredentialVault {
@@ -96,6 +132,9 @@ impl std::fmt::Debug for CredentialVault {
 
 /// Replace the record only if it is still the one that was read (rotation races a writer).
 const COMPARE_AND_SET: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 else return 0 end"#;
+const COMPARE_AND_DELETE: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 else return 0 end"#;
+/// First come first served: the email's owner after the call.
+const BIND_EMAIL: &str = r#"local owner = redis.call('GET', KEYS[1]) if owner then return owner end redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]"#;
 
 impl CredentialVault {
     pub fn new(redis: RedisHandle, keyring: Arc<KeyRing>, clock: Arc<dyn Clock>) -> Self {
@@ -103,6 +142,7 @@ impl CredentialVault {
             redis,
             keyring,
             clock,
+            email_index_ready: Arc::default(),
         }
     }
 
@@ -120,15 +160,246 @@ impl CredentialVault {
             .transpose()
     }
 
+    /// Writes `record` as is (seeding, tests). Production paths use [`Self::create`] and
+    /// [`Self::update`], which never overwrite a deactivation.
     pub async fn put(&self, record: &CredentialRecord) -> Result<(), VaultError> {
-        let body = serde_json::to_string(record)
-            .map_err(|_| VaultError::Corrupt(record.user_id.clone()))?;
+        let body = encode(record)?;
         let mut conn = self.redis.conn().await?;
         redis::cmd("SET")
             .arg(self.key(&record.user_id))
             .arg(body)
             .query_async::<()>(&mut conn)
             .await?;
+        Ok(())
+    }
+
+    /// Stores `record` only if the user has none yet. `false`: one exists (maybe a tombstone).
+    pub async fn create(&self, record: &CredentialRecord) -> Result<bool, VaultError> {
+        let body = encode(record)?;
+        let mut conn = self.redis.conn().await?;
+        let set: Option<String> = redis::cmd("SET")
+            .arg(self.key(&record.user_id))
+            .arg(body)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Read-modify-write of one record with compare-and-set, retried on a concurrent write, so
+    /// no writer's change is lost. `change` sees the current record and may refuse.
+    pub async fn update<F>(&self, user_id: &str, change: F) -> Result<Updated, VaultError>
+    where
+        F: Fn(&mut CredentialRecord) -> Result<(), Refusal>,
+    {
+        let key = self.key(user_id);
+        for _ in 0..16 {
+            let mut conn = self.redis.conn().await?;
+            let raw: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+            let Some(raw) = raw else {
+                return Ok(Updated::Missing);
+            };
+            let mut record: CredentialRecord =
+                serde_json::from_str(&raw).map_err(|_| VaultError::Corrupt(user_id.to_owned()))?;
+            if let Err(refusal) = change(&mut record) {
+                return Ok(Updated::Refused(refusal, record.status));
+            }
+            record.updated_at = self.clock.now().unix_timestamp();
+            let body = encode(&record)?;
+            let swapped: i64 = redis::Script::new(COMPARE_AND_SET)
+                .key(&key)
+                .arg(&raw)
+                .arg(&body)
+                .invoke_async(&mut conn)
+                .await?;
+            if swapped == 1 {
+                return Ok(Updated::Done(record));
+            }
+        }
+        Err(VaultError::Contended(user_id.to_owned()))
+    }
+
+    /// Sets a record's status (and error note), keeping everything else. A deactivated user
+    /// stays deactivated: only [`Self::reactivate`] lifts that. `false`: nothing was changed.
+    pub async fn set_status(
+        &self,
+        user_id: &str,
+        status: CredentialStatus,
+        last_error: Option<String>,
+    ) -> Result<bool, VaultError> {
+        let updated = self
+            .update(user_id, |r| {
+                if r.status == CredentialStatus::Disabled && status != CredentialStatus::Disabled {
+                    return Err(Refusal::Disabled);
+                }
+                r.status = status;
+                r.last_error = last_error.clone();
+                Ok(())
+            })
+            .await?;
+        Ok(matches!(updated, Updated::Done(_)))
+    }
+
+    /// Deactivates a user, durably: with no record yet (a job queued or running), a tombstone
+    /// without a password is written, so whatever provisioning does next cannot make them ready.
+    pub async fn disable(&self, user_id: &str, reason: &str) -> Result<(), VaultError> {
+        loop {
+            let updated = self
+                .update(user_id, |r| {
+                    r.status = CredentialStatus::Disabled;
+                    r.last_error = Some(reason.to_owned());
+                    Ok(())
+                })
+                .await?;
+            if !matches!(updated, Updated::Missing) {
+                return Ok(());
+            }
+            let now = self.clock.now().unix_timestamp();
+            let tombstone = CredentialRecord {
+                user_id: user_id.to_owned(),
+                email: String::new(),
+                name: None,
+                librechat_user_id: None,
+                password: String::new(),
+                status: CredentialStatus::Disabled,
+                created_at: now,
+                updated_at: now,
+                last_error: Some(reason.to_owned()),
+            };
+            if self.create(&tombstone).await? {
+                return Ok(());
+            }
+            // A record appeared meanwhile: disable that one.
+        }
+    }
+
+    /// Lifts a deactivation (explicit registration by ops or the identity service). A tombstone
+    /// is removed, so provisioning starts afresh; a real record becomes `drifted`: its account
+    /// exists, and provisioning confirms (or recovers) the password. `true`: it was disabled.
+    pub async fn reactivate(&self, user_id: &str) -> Result<bool, VaultError> {
+        let key = self.key(user_id);
+        let updated = self
+            .update(user_id, |r| {
+                if r.status != CredentialStatus::Disabled {
+                    return Err(Refusal::NotDisabled);
+                }
+                if r.password.is_empty() {
+                    return Err(Refusal::Tombstone);
+                }
+                r.status = CredentialStatus::Drifted;
+                r.last_error = Some("reactivated; the password is confirmed again".into());
+                Ok(())
+            })
+            .await?;
+        match updated {
+            Updated::Done(_) => Ok(true),
+            Updated::Refused(Refusal::Tombstone, _) => {
+                let mut conn = self.redis.conn().await?;
+                let raw: Option<String> =
+                    redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+                let Some(raw) = raw else { return Ok(false) };
+                // Delete only the tombstone we saw, never a record written meanwhile.
+                let deleted: i64 = redis::Script::new(COMPARE_AND_DELETE)
+                    .key(&key)
+                    .arg(&raw)
+                    .invoke_async(&mut conn)
+                    .await?;
+                Ok(deleted == 1)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    fn email_key(&self, email: &str) -> String {
+        self.redis.key(&format!("email:{email}"))
+    }
+
+    /// Binds a (normalised) email to one identity user, atomically, first come first served.
+    /// LibreChat keys accounts by email, so whoever holds the binding owns that LibreChat account
+    /// and nobody else may register or reset it. Returns the owner after the call.
+    pub async fn bind_email(&self, email: &str, user_id: &str) -> Result<EmailOwner, VaultError> {
+        self.ensure_email_index().await?;
+        let mut conn = self.redis.conn().await?;
+        let owner: String = redis::Script::new(BIND_EMAIL)
+            .key(self.email_key(email))
+            .arg(user_id)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(if owner == user_id {
+            EmailOwner::This
+        } else {
+            EmailOwner::Other(owner)
+        })
+    }
+
+    /// The identity user an email is bound to.
+    pub async fn email_owner(&self, email: &str) -> Result<Option<String>, VaultError> {
+        self.ensure_email_index().await?;
+        let mut conn = self.redis.conn().await?;
+        Ok(redis::cmd("GET")
+            .arg(self.email_key(email))
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Credential records written before email bindings existed get theirs once per Redis (a
+    /// marker key records it): for an email held by several records the oldest record wins.
+    async fn ensure_email_index(&self) -> Result<(), VaultError> {
+        if self.email_index_ready.get().is_some() {
+            return Ok(());
+        }
+        let marker = self.redis.key("email-index:v1");
+        let mut conn = self.redis.conn().await?;
+        let built: bool = redis::cmd("EXISTS")
+            .arg(&marker)
+            .query_async(&mut conn)
+            .await?;
+        if !built {
+            let mut oldest: std::collections::HashMap<String, (i64, String)> = Default::default();
+            let mut iter: redis::AsyncIter<String> =
+                conn.scan_match(self.redis.key("cred:*")).await?;
+            let mut keys = Vec::new();
+            while let Some(key) = iter.next_item().await {
+                keys.push(key?);
+            }
+            drop(iter);
+            for key in keys {
+                let raw: Option<String> =
+                    redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+                let Some(record) =
+                    raw.and_then(|r| serde_json::from_str::<CredentialRecord>(&r).ok())
+                else {
+                    continue;
+                };
+                if record.email.is_empty() {
+                    continue;
+                }
+                let email = provisioning::normalize_email(&record.email);
+                let entry = oldest
+                    .entry(email)
+                    .or_insert((record.created_at, record.user_id.clone()));
+                if record.created_at < entry.0 {
+                    tracing::warn!(kept = %record.user_id, other = %entry.1, "two credential records share one email; the older keeps it");
+                    *entry = (record.created_at, record.user_id.clone());
+                } else if entry.1 != record.user_id {
+                    tracing::warn!(kept = %entry.1, other = %record.user_id, "two credential records share one email; the older keeps it");
+                }
+            }
+            for (email, (_, user_id)) in oldest {
+                redis::cmd("SET")
+                    .arg(self.email_key(&email))
+                    .arg(user_id)
+                    .arg("NX")
+                    .query_async::<()>(&mut conn)
+                    .await?;
+            }
+            redis::cmd("SET")
+                .arg(&marker)
+                .arg(self.clock.now().unix_timestamp())
+                .query_async::<()>(&mut conn)
+                .await?;
+        }
+        let _ = self.email_index_ready.set(());
         Ok(())
     }
 
@@ -156,23 +427,10 @@ impl CredentialVault {
     }
 
     pub fn password(&self, record: &CredentialRecord) -> Result<Password, VaultError> {
-        Ok(Password(self.keyring.decrypt(&record.password)?))
-    }
-
-    /// Sets a record's status (and error note), keeping everything else.
-    pub async fn set_status(
-        &self,
-        user_id: &str,
-        status: CredentialStatus,
-        last_error: Option<String>,
-    ) -> Result<(), VaultError> {
-        if let Some(mut record) = self.get(user_id).await? {
-            record.status = status;
-            record.last_error = last_error;
-            record.updated_at = self.clock.now().unix_timestamp();
-            self.put(&record).await?;
+        if record.password.is_empty() {
+            return Err(VaultError::NoPassword(record.user_id.clone()));
         }
-        Ok(())
+        Ok(Password(self.keyring.decrypt(&record.password)?))
     }
 
     /// Re-encrypts every record whose password is not under the primary key.

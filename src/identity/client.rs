@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::config::IdentityConfig;
+use crate::{client::EndUser, config::IdentityConfig};
 
 use super::verifier::VerifyError;
 
@@ -75,16 +75,18 @@ impl IdentityClient {
             .unwrap_or_else(|_| reqwest::Client::new())
     }
 
-    /// Exchanges a user's identifier (email or username) and password for tokens.
+    /// Exchanges a user's identifier (email or username) and password for tokens, on behalf of
+    /// `caller` (forwarded as `X-Forwarded-For` and `User-Agent`).
     pub async fn obtain(
         &self,
         identifier: &str,
         password: &str,
+        caller: &EndUser,
     ) -> Result<IdentityTokens, IdentityClientError> {
         let mut body = Map::new();
         body.insert(self.identifier_field.clone(), identifier.into());
         body.insert(self.password_field.clone(), password.into());
-        let obj = self.post(&self.token_url, body).await?;
+        let obj = self.post(&self.token_url, body, caller).await?;
         let refresh = self.field(&obj, &self.refresh_field);
         Ok(IdentityTokens {
             access: self
@@ -94,11 +96,16 @@ impl IdentityClient {
         })
     }
 
-    /// Trades a refresh token for a new access token (and, with rotation, a new refresh token).
-    pub async fn refresh(&self, refresh: &str) -> Result<IdentityTokens, IdentityClientError> {
+    /// Trades a refresh token for a new access token (and, with rotation, a new refresh token),
+    /// on behalf of `caller` (the request that needed it).
+    pub async fn refresh(
+        &self,
+        refresh: &str,
+        caller: &EndUser,
+    ) -> Result<IdentityTokens, IdentityClientError> {
         let mut body = Map::new();
         body.insert(self.refresh_request_field.clone(), refresh.into());
-        let obj = self.post(&self.refresh_url, body).await?;
+        let obj = self.post(&self.refresh_url, body, caller).await?;
         Ok(IdentityTokens {
             access: self
                 .field(&obj, &self.access_field)
@@ -107,14 +114,22 @@ impl IdentityClient {
         })
     }
 
+    /// The end user's address is the only `X-Forwarded-For` entry: the BFF is the hop the
+    /// identity service talks to, and what the client sent was already judged by `client_ip`.
     async fn post(
         &self,
         url: &str,
         body: Map<String, Value>,
+        caller: &EndUser,
     ) -> Result<Map<String, Value>, IdentityClientError> {
-        let res = self
+        let mut req = self
             .http
             .post(url)
+            .header("x-forwarded-for", caller.ip.to_string());
+        if let Some(ua) = &caller.user_agent {
+            req = req.header(reqwest::header::USER_AGENT, ua.clone());
+        }
+        let res = req
             .json(&body)
             .send()
             .await

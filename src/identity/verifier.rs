@@ -55,6 +55,12 @@ pub enum VerifyError {
     NotConfigured,
     #[error("signing keys cannot be fetched: {0}")]
     KeysUnavailable(String),
+    #[error("token is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("token type is not `{0}`")]
+    WrongTokenType(String),
+    #[error("claim `{0}` holds control characters or is too long")]
+    BadClaim(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +150,39 @@ pub struct IdentityVerifier {
     keys: KeySource,
     validation: Validation,
     claims: ClaimsConfig,
+    token_type: TokenTypeRule,
+    max_token_bytes: usize,
+}
+
+/// SimpleJWT marks its tokens `token_type: "access"` / `"refresh"`: a refresh token (24 h, and
+/// still valid after it is blacklisted at the identity service) must never open a session.
+#[derive(Debug, Clone)]
+struct TokenTypeRule {
+    claim: String,
+    expected: String,
+    required: bool,
+}
+
+impl TokenTypeRule {
+    fn check(&self, claims: &Map<String, Value>) -> Result<(), VerifyError> {
+        if self.claim.is_empty() {
+            return Ok(());
+        }
+        match claims.get(&self.claim) {
+            None if !self.required => Ok(()),
+            Some(Value::String(t)) if *t == self.expected => Ok(()),
+            _ => Err(VerifyError::WrongTokenType(self.expected.clone())),
+        }
+    }
+}
+
+/// Longest user id / email / name a token may carry (LibreChat caps names at 80, emails at 254).
+const MAX_CLAIM_CHARS: usize = 320;
+
+/// A claim value the BFF will use as a key, a header or an account field: no control
+/// characters (NUL, CR/LF, ...), bounded length.
+fn sane_claim(value: &str) -> bool {
+    value.chars().count() <= MAX_CLAIM_CHARS && !value.chars().any(char::is_control)
 }
 
 impl std::fmt::Debug for IdentityVerifier {
@@ -223,6 +262,12 @@ impl IdentityVerifier {
             keys,
             validation,
             claims: claims.clone(),
+            token_type: TokenTypeRule {
+                claim: cfg.token_type_claim.clone(),
+                expected: cfg.token_type.clone(),
+                required: cfg.require_token_type,
+            },
+            max_token_bytes: cfg.max_token_bytes,
         })
     }
 
@@ -232,6 +277,10 @@ impl IdentityVerifier {
     }
 
     pub async fn verify(&self, token: &str) -> Result<VerifiedIdentity, VerifyError> {
+        // Oversized tokens are refused before any parsing.
+        if token.len() > self.max_token_bytes {
+            return Err(VerifyError::TooLarge(self.max_token_bytes));
+        }
         let header = decode_header(token).map_err(|_| VerifyError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(VerifyError::AlgorithmNotAllowed(format!(
@@ -247,6 +296,7 @@ impl IdentityVerifier {
                 self.decode(token, &key)?
             }
         };
+        self.token_type.check(&claims)?;
         self.map_claims(&claims)
     }
 
@@ -277,9 +327,18 @@ impl IdentityVerifier {
                 _ => None,
             })
             .ok_or(VerifyError::MissingUserId)?;
+        if !sane_claim(&user_id) {
+            return Err(VerifyError::BadClaim("user id".into()));
+        }
         let text = |name: &str| match claims.get(name) {
-            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-            _ => None,
+            Some(Value::String(s)) if !s.is_empty() => {
+                if sane_claim(s) {
+                    Ok(Some(s.clone()))
+                } else {
+                    Err(VerifyError::BadClaim(name.to_owned()))
+                }
+            }
+            _ => Ok(None),
         };
         let groups = match claims.get(&self.claims.groups) {
             Some(Value::Array(items)) => items
@@ -300,8 +359,8 @@ impl IdentityVerifier {
         let expires_at = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
         Ok(VerifiedIdentity {
             user_id,
-            email: text(&self.claims.email),
-            name: text(&self.claims.name),
+            email: text(&self.claims.email)?,
+            name: text(&self.claims.name)?,
             groups,
             expires_at,
         })

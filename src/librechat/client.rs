@@ -40,6 +40,8 @@ pub struct LibreChatLogin {
     pub token_exp: i64,
     /// `exp` of the refresh token: the LibreChat session's fixed end.
     pub refresh_exp: i64,
+    /// `user.role` (`USER`, `ADMIN`), when the answer carries it.
+    pub role: Option<String>,
 }
 
 impl std::fmt::Debug for LibreChatLogin {
@@ -69,10 +71,6 @@ impl LibreChatClient {
             http,
             base: cfg.url.trim_end_matches('/').to_owned(),
         }
-    }
-
-    pub fn base_url(&self) -> &str {
-        &self.base
     }
 
     fn post(&self, path: &str, client: &ClientInfo) -> reqwest::RequestBuilder {
@@ -310,6 +308,11 @@ fn into_login(body: &Value, cookie: Option<String>) -> Result<LibreChatLogin, Li
         .and_then(|u| u.get("id").or_else(|| u.get("_id")))
         .and_then(Value::as_str)
         .map(str::to_owned);
+    let role = body
+        .get("user")
+        .and_then(|u| u.get("role"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let token_exp = super::jwt_exp(&token)
         .ok_or_else(|| LibreChatError::Unexpected("access token has no exp".into()))?;
     let refresh_exp = super::jwt_exp(&refresh_token).unwrap_or(token_exp);
@@ -319,5 +322,6 @@ fn into_login(body: &Value, cookie: Option<String>) -> Result<LibreChatLogin, Li
         refresh_token,
         token_exp,
         refresh_exp,
+        role,
     })
 }

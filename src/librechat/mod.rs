@@ -1,6 +1,7 @@
 //! Talking to LibreChat as each user: the auth-route client and the per-user token manager.
 
 pub mod client;
+pub mod service_account;
 pub mod tokens;
 
 pub use client::{LibreChatClient, LibreChatError, LibreChatLogin};

@@ -9,9 +9,14 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, RwLock,
+    },
     time::Duration,
 };
+
+use futures_util::StreamExt;
 
 use axum::http::HeaderValue;
 use serde::{Deserialize, Serialize};
@@ -37,6 +42,10 @@ pub enum TokenError {
     CredentialInvalid,
     #[error("the user is deactivated")]
     Disabled,
+    #[error("the user's email is bound to another identity user")]
+    Conflict,
+    #[error("LibreChat refused a token it issued moments ago")]
+    RejectedFresh,
     #[error("LibreChat rate limit; retry after {}s", .0.as_secs())]
     RateLimited(Duration),
     #[error("LibreChat has banned this user or address")]
@@ -57,7 +66,10 @@ impl From<VaultError> for TokenError {
     fn from(e: VaultError) -> Self {
         match e {
             VaultError::Unavailable(e) => Self::Store(e.to_string()),
-            VaultError::Corrupt(_) | VaultError::Crypto(_) => Self::CredentialInvalid,
+            VaultError::Corrupt(_) | VaultError::Crypto(_) | VaultError::NoPassword(_) => {
+                Self::CredentialInvalid
+            }
+            VaultError::Contended(m) => Self::Store(m),
         }
     }
 }
@@ -76,6 +88,11 @@ pub struct UpstreamToken {
     pub exp: i64,
     pub generation: u64,
 }
+
+/// After a token renewed because of a 401 was refused too, further 401s of the user renew
+/// nothing for this long: LibreChat refusing fresh tokens (a deleted or blocked account) would
+/// otherwise cost one renewal per request.
+const FUTILE_RENEWAL_PAUSE: i64 = 10;
 
 #[derive(Serialize, Deserialize)]
 struct Secrets {
@@ -109,7 +126,11 @@ pub struct TokenManager {
     keyring: Arc<KeyRing>,
     clock: Arc<dyn Clock>,
     skew: i64,
-    cache: RwLock<HashMap<String, UpstreamToken>>,
+    cache: Arc<RwLock<HashMap<String, UpstreamToken>>>,
+    /// Bumped by every revocation seen: a renewal that raced one is not cached.
+    revocations: Arc<AtomicU64>,
+    /// Users whose renewal after a 401 was refused too, and when (see `FUTILE_RENEWAL_PAUSE`).
+    futile: std::sync::Mutex<HashMap<String, i64>>,
     locks: LocalLocks,
     metrics: Arc<Metrics>,
 }
@@ -143,6 +164,21 @@ impl Need {
     }
 }
 
+fn forget(
+    cache: &RwLock<HashMap<String, UpstreamToken>>,
+    revocations: &AtomicU64,
+    user_id: Option<&str>,
+) {
+    revocations.fetch_add(1, Ordering::AcqRel);
+    let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
+    match user_id {
+        Some(user) => {
+            cache.remove(user);
+        }
+        None => cache.clear(),
+    }
+}
+
 impl TokenManager {
     pub fn new(
         client: LibreChatClient,
@@ -160,7 +196,9 @@ impl TokenManager {
             keyring,
             clock,
             skew: skew.as_secs() as i64,
-            cache: RwLock::new(HashMap::new()),
+            cache: Arc::default(),
+            revocations: Arc::default(),
+            futile: Default::default(),
             locks: LocalLocks::default(),
             metrics,
         }
@@ -203,8 +241,31 @@ impl TokenManager {
         rejected: &UpstreamToken,
         client: &ClientInfo,
     ) -> Result<UpstreamToken, TokenError> {
+        if self.renewal_is_futile(user_id) {
+            return Err(TokenError::RejectedFresh);
+        }
         self.renew(user_id, client, Need::Rejected(rejected.generation))
             .await
+    }
+
+    /// LibreChat refused the token `replace` just gave: for a while, 401s of this user renew
+    /// nothing more (the next request re-reads the stored token instead).
+    pub fn renewal_refused(&self, user_id: &str, token: &UpstreamToken) {
+        self.invalidate(user_id, token.generation);
+        let now = self.now();
+        let mut futile = self.futile.lock().unwrap_or_else(|p| p.into_inner());
+        if futile.len() >= 10_000 {
+            futile.retain(|_, at| now - *at < FUTILE_RENEWAL_PAUSE);
+        }
+        futile.insert(user_id.to_owned(), now);
+    }
+
+    fn renewal_is_futile(&self, user_id: &str) -> bool {
+        let now = self.now();
+        let futile = self.futile.lock().unwrap_or_else(|p| p.into_inner());
+        futile
+            .get(user_id)
+            .is_some_and(|at| (0..FUTILE_RENEWAL_PAUSE).contains(&(now - at)))
     }
 
     /// Forgets the token of `generation` in this process (the next request renews it).
@@ -233,10 +294,13 @@ impl TokenManager {
                 .arg(self.key(user_id))
                 .query_async::<i64>(&mut conn)
                 .await?;
-            self.cache
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(user_id);
+            self.forget(user_id);
+            // Every replica drops its in-process copy (see `listen_for_revocations`).
+            redis::cmd("PUBLISH")
+                .arg(self.revocation_channel())
+                .arg(user_id)
+                .query_async::<i64>(&mut conn)
+                .await?;
             Ok(())
         }
         .await;
@@ -246,6 +310,58 @@ impl TokenManager {
 
     fn key(&self, user_id: &str) -> String {
         self.redis.key(&format!("lc-login:{user_id}"))
+    }
+
+    fn revocation_channel(&self) -> String {
+        self.redis.key("revoked-logins")
+    }
+
+    fn forget(&self, user_id: &str) {
+        forget(&self.cache, &self.revocations, Some(user_id));
+    }
+
+    /// Follows revocations published by any replica (deactivation, sign-out) and drops the
+    /// user's token from this process's cache at once, so no replica keeps serving a revoked
+    /// user from memory. After any gap in the subscription the whole cache is dropped (a
+    /// revocation may have been missed); tokens are then re-read from Redis.
+    pub fn listen_for_revocations(&self) -> tokio::task::JoinHandle<()> {
+        let redis = self.redis.clone();
+        let channel = self.revocation_channel();
+        let cache = self.cache.clone();
+        let revocations = self.revocations.clone();
+        tokio::spawn(async move {
+            let mut pause = Duration::from_millis(200);
+            let mut warned = false;
+            loop {
+                let subscribed = async {
+                    let client = redis.client().await?;
+                    let mut pubsub = client.get_async_pubsub().await?;
+                    pubsub.subscribe(&channel).await?;
+                    Ok::<_, redis::RedisError>(pubsub)
+                }
+                .await;
+                match subscribed {
+                    Ok(pubsub) => {
+                        forget(&cache, &revocations, None);
+                        pause = Duration::from_millis(200);
+                        warned = false;
+                        let mut messages = pubsub.into_on_message();
+                        while let Some(msg) = messages.next().await {
+                            let user: String = msg.get_payload().unwrap_or_default();
+                            forget(&cache, &revocations, Some(&user));
+                        }
+                    }
+                    Err(e) => {
+                        if !warned {
+                            tracing::warn!(error = %e, "cannot follow LibreChat login revocations; retrying");
+                            warned = true;
+                        }
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        })
     }
 
     async fn lock(&self, user_id: &str) -> Result<RedisLock, TokenError> {
@@ -271,10 +387,15 @@ impl TokenManager {
                 return Ok(t);
             }
         }
+        let epoch = self.revocations.load(Ordering::Acquire);
         let lock = self.lock(user_id).await?;
         let result = self.renew_locked(user_id, client, need).await;
         lock.release().await;
         let token = result?;
+        if self.revocations.load(Ordering::Acquire) != epoch {
+            // A revocation arrived meanwhile: serve this request, remember nothing.
+            return Ok(token);
+        }
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= 10_000 {
             // Bounded memory: drop expired entries (their users re-acquire from Redis).
@@ -338,9 +459,8 @@ impl TokenManager {
             CredentialStatus::Ready => {}
             CredentialStatus::Provisioning => return Err(TokenError::ProvisioningPending),
             CredentialStatus::Disabled => return Err(TokenError::Disabled),
-            CredentialStatus::Drifted | CredentialStatus::Conflict => {
-                return Err(TokenError::CredentialInvalid)
-            }
+            CredentialStatus::Conflict => return Err(TokenError::Conflict),
+            CredentialStatus::Drifted => return Err(TokenError::CredentialInvalid),
         }
         let password = self.vault.password(&record)?;
         let result = self

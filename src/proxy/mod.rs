@@ -9,22 +9,26 @@ pub mod headers;
 pub mod path;
 pub mod upstream;
 
-use std::net::SocketAddr;
-
 use axum::{
     body::{Body, Bytes},
-    extract::{ConnectInfo, Request, State},
+    extract::{Request, State},
     http::{header, request::Parts, HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 
 use crate::{
-    app::AppState, client::client_info, error::ApiError, librechat::TokenError,
+    app::AppState, client::client_info_of, error::ApiError, librechat::TokenError,
     session::authenticate,
 };
 
+use body::{BodyFailure, BodyOutcome, ClientBody};
 pub use upstream::Upstream;
+
+/// Response extension on LibreChat's answers: they pass through as LibreChat sent them, while
+/// every other error response is the BFF's own and must be in the JSON problem shape.
+#[derive(Debug, Clone, Copy)]
+pub struct Proxied;
 
 pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
     match forward_request(&state, req).await {
@@ -39,12 +43,7 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     // 1. Authenticate: a path we would refuse anyway costs no session lookup.
     let rest = path::checked_rest(parts.uri.path(), &state.upstream.deny_prefixes)?;
     let user = authenticate(state, &parts, true).await?.user;
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .ok_or(ApiError::Internal)?;
-    let client = client_info(peer, &parts.headers, state);
+    let client = client_info_of(&parts, state)?;
 
     // 2. Acquire the user's LibreChat token (in-process when warm). No usable account yet:
     // make sure a provisioning job exists (just in time), answer 503 meanwhile.
@@ -66,21 +65,29 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     // 3. Rewrite the request.
     let request_id = headers::request_id(&parts.headers);
     let uri = state.upstream.uri(rest, parts.uri.query())?;
-    let mut body = RequestBody::prepare(&parts, body, &state.upstream).await?;
+    let idle = std::time::Duration::from_secs(state.config.server.request_body_idle_timeout_secs);
+    let mut body = RequestBody::prepare(&parts, body, &state.upstream, idle).await?;
     let method = parts.method;
     // The client's headers are not needed any more: rewrite them in place.
     let mut upstream_headers = parts.headers;
     headers::rewrite_request(&mut upstream_headers, &token, &client, &request_id);
 
     // 4. Forward; on 401 renew the token and replay once if the body allows it.
-    let first = body.take();
+    let (first, outcome) = body.take();
     // Keep a copy for the replay only when there can be one.
     let kept = body
         .replay_possible()
         .then(|| (uri.clone(), upstream_headers.clone()));
     let mut res = state
         .upstream
-        .send(method.clone(), uri, upstream_headers, first, &state.metrics)
+        .send(
+            method.clone(),
+            uri,
+            upstream_headers,
+            first,
+            outcome.as_ref(),
+            &state.metrics,
+        )
         .await?;
     if res.status() == StatusCode::UNAUTHORIZED {
         let (Some(replay), Some((uri, mut upstream_headers))) = (body.replay(), kept) else {
@@ -91,10 +98,10 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
         upstream_headers.insert(header::AUTHORIZATION, renewed.authorization.clone());
         res = state
             .upstream
-            .send(method, uri, upstream_headers, replay, &state.metrics)
+            .send(method, uri, upstream_headers, replay, None, &state.metrics)
             .await?;
         if res.status() == StatusCode::UNAUTHORIZED {
-            state.tokens.invalidate(&user.id, renewed.generation);
+            state.tokens.renewal_refused(&user.id, &renewed);
             return Err(ApiError::LibreChatUnauthorized);
         }
     }
@@ -109,11 +116,27 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
 enum RequestBody {
     Empty,
     Buffered(Bytes),
-    Streaming(Option<Body>),
+    /// Streamed through a [`ClientBody`]; its outcome explains a failed upstream request.
+    Streaming(Option<(Body, BodyOutcome)>),
+}
+
+impl From<BodyFailure> for ApiError {
+    fn from(failure: BodyFailure) -> Self {
+        match failure {
+            BodyFailure::TooLarge => ApiError::PayloadTooLarge,
+            BodyFailure::Malformed => ApiError::MalformedBody,
+            BodyFailure::Idle => ApiError::RequestTimeout,
+        }
+    }
 }
 
 impl RequestBody {
-    async fn prepare(parts: &Parts, body: Body, upstream: &Upstream) -> Result<Self, ApiError> {
+    async fn prepare(
+        parts: &Parts,
+        body: Body,
+        upstream: &Upstream,
+        idle: std::time::Duration,
+    ) -> Result<Self, ApiError> {
         let length = content_length(&parts.headers)?;
         let chunked = parts.headers.contains_key(header::TRANSFER_ENCODING);
         match length {
@@ -121,27 +144,34 @@ impl RequestBody {
             Some(0) => Ok(Self::Empty),
             Some(n) if n > upstream.max_body => Err(ApiError::PayloadTooLarge),
             Some(n) if n <= upstream.replay_cap as u64 => {
-                let bytes = Limited::new(body, n as usize)
+                let guarded = ClientBody::new(body, n, idle);
+                let outcome = guarded.outcome();
+                let bytes = guarded
                     .collect()
                     .await
                     .map_err(|_| {
-                        ApiError::BadRequest("The request body could not be read.".into())
+                        ApiError::from(outcome.failure().unwrap_or(BodyFailure::Malformed))
                     })?
                     .to_bytes();
                 Ok(Self::Buffered(bytes))
             }
-            _ => Ok(Self::Streaming(Some(Body::new(Limited::new(
-                body,
-                usize::try_from(upstream.max_body).unwrap_or(usize::MAX),
-            ))))),
+            _ => {
+                let guarded = ClientBody::new(body, upstream.max_body, idle);
+                let outcome = guarded.outcome();
+                Ok(Self::Streaming(Some((Body::new(guarded), outcome))))
+            }
         }
     }
 
-    fn take(&mut self) -> Body {
+    /// The body for the first attempt, with the outcome to consult if that attempt fails.
+    fn take(&mut self) -> (Body, Option<BodyOutcome>) {
         match self {
-            Self::Empty => Body::empty(),
-            Self::Buffered(b) => Body::from(b.clone()),
-            Self::Streaming(b) => b.take().unwrap_or_else(Body::empty),
+            Self::Empty => (Body::empty(), None),
+            Self::Buffered(b) => (Body::from(b.clone()), None),
+            Self::Streaming(b) => match b.take() {
+                Some((body, outcome)) => (body, Some(outcome)),
+                None => (Body::empty(), None),
+            },
         }
     }
 

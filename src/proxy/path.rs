@@ -1,7 +1,32 @@
 //! Which `/api/chat/*` paths may be forwarded. The raw (still percent-encoded) path is checked,
 //! because LibreChat decodes it again: `%2e%2e` or `%2f` must not become a traversal there.
+//! Denials compare the decoded, lower-cased path (`%61uth`, `Auth` are `auth`: Express matches
+//! routes case-insensitively); the path LibreChat receives is still the raw one.
 
 use crate::error::ApiError;
+
+/// LibreChat v0.8.7 routes no user may reach through the BFF, whatever `deny_prefixes` says,
+/// because they would break the mapping between a BFF user and their LibreChat account (see the
+/// README's "Proxy policy"). Each entry is a sequence of leading path segments.
+pub const BUILT_IN_DENIALS: &[(&[&str], &str)] = &[
+    (
+        &["auth"],
+        "sign-in, sign-out, token refresh, password reset and 2FA enrolment (auth/2fa/*) are the BFF's",
+    ),
+    (&["user", "delete"], "DELETE /api/user/delete deletes the LibreChat account"),
+    (
+        &["user", "email"],
+        "email change (newer builds): the BFF signs in to LibreChat with the user's email",
+    ),
+    (
+        &["admin"],
+        "LibreChat's admin API (config, grants, groups, roles, skills, users, audit-log)",
+    ),
+    (
+        &["api-keys"],
+        "LibreChat API keys would authenticate as the user without the BFF",
+    ),
+];
 
 /// The part after `/api/chat/`, validated; it is forwarded verbatim as `/api/{rest}`.
 pub fn checked_rest<'a>(raw_path: &'a str, deny: &[String]) -> Result<&'a str, ApiError> {
@@ -11,42 +36,62 @@ pub fn checked_rest<'a>(raw_path: &'a str, deny: &[String]) -> Result<&'a str, A
     if rest.is_empty() {
         return Err(ApiError::NotFound);
     }
-    let segments: Vec<&str> = rest.split('/').collect();
-    for (i, segment) in segments.iter().enumerate() {
+    let raw_segments: Vec<&str> = rest.split('/').collect();
+    let mut decoded = Vec::with_capacity(raw_segments.len());
+    for (i, segment) in raw_segments.iter().enumerate() {
         // A trailing slash leaves one empty last segment; any other empty one is `//`.
-        let trailing = i + 1 == segments.len() && i > 0 && segment.is_empty();
-        if !trailing && !segment_ok(segment) {
-            return Err(ApiError::BadPath);
+        let trailing = i + 1 == raw_segments.len() && i > 0 && segment.is_empty();
+        if trailing {
+            decoded.push(String::new());
+            continue;
+        }
+        match checked_segment(segment) {
+            Some(d) => decoded.push(d.to_ascii_lowercase()),
+            None => return Err(ApiError::BadPath),
         }
     }
-    let lower = rest.to_ascii_lowercase();
-    // The BFF owns authentication: LibreChat's own auth routes are never reachable.
-    if lower == "auth" || lower.starts_with("auth/") {
+    let denied_built_in = BUILT_IN_DENIALS.iter().any(|(prefix, _)| {
+        prefix.len() <= decoded.len() && prefix.iter().zip(&decoded).all(|(p, d)| p == d)
+    });
+    if denied_built_in {
         return Err(ApiError::NotFound);
     }
-    if deny
-        .iter()
-        .any(|p| lower.starts_with(&p.to_ascii_lowercase()))
-    {
+    // Configured prefixes are plain string prefixes of the decoded path (no segment rule, as
+    // documented: "agents/tools" also covers "agents/tools2").
+    let path = decoded.join("/");
+    if deny.iter().any(|p| {
+        let prefix = checked_prefix(p);
+        !prefix.is_empty() && path.starts_with(&prefix)
+    }) {
         return Err(ApiError::NotFound);
     }
     Ok(rest)
 }
 
-fn segment_ok(segment: &str) -> bool {
+/// A configured deny prefix, decoded and lower-cased like the paths it is compared with.
+fn checked_prefix(prefix: &str) -> String {
+    prefix
+        .split('/')
+        .map(|s| percent_decode(s).unwrap_or_else(|| s.to_owned()))
+        .collect::<Vec<_>>()
+        .join("/")
+        .to_ascii_lowercase()
+}
+
+/// The decoded segment, unless it is empty, a dot segment, or hides a slash, backslash, NUL or
+/// control byte (also percent-encoded).
+fn checked_segment(segment: &str) -> Option<String> {
     if segment.is_empty() {
-        return false;
+        return None;
     }
-    let decoded = match percent_decode(segment) {
-        Some(d) => d,
-        None => return false,
-    };
+    let decoded = percent_decode(segment)?;
     if decoded == "." || decoded == ".." {
-        return false;
+        return None;
     }
-    !decoded
+    let bad = decoded
         .bytes()
-        .any(|b| b == b'/' || b == b'\\' || b == 0 || b.is_ascii_control())
+        .any(|b| b == b'/' || b == b'\\' || b == 0 || b.is_ascii_control());
+    (!bad).then_some(decoded)
 }
 
 /// Percent-decodes one segment (repeatedly, so `%252e` cannot smuggle a dot through a second
@@ -106,19 +151,61 @@ mod tests {
 
     #[test]
     fn auth_and_denied_prefixes_are_not_found() {
-        assert!(matches!(
-            checked_rest("/api/chat/auth/logout", &[]),
-            Err(ApiError::NotFound)
-        ));
-        assert!(matches!(
-            checked_rest("/api/chat/AUTH/refresh", &[]),
-            Err(ApiError::NotFound)
-        ));
-        let deny = vec!["admin/".to_owned()];
-        assert!(matches!(
-            checked_rest("/api/chat/admin/x", &deny),
-            Err(ApiError::NotFound)
-        ));
+        for p in [
+            "/api/chat/auth/logout",
+            "/api/chat/auth",
+            "/api/chat/auth/",
+            "/api/chat/AUTH/refresh",
+            "/api/chat/Auth/login",
+            "/api/chat/%61uth/logout",
+            "/api/chat/%2561uth/logout",
+            "/api/chat/auth/2fa/enable",
+            "/api/chat/user/delete",
+            "/api/chat/User/Delete/",
+            "/api/chat/user/%64elete",
+            "/api/chat/user/email/change",
+            "/api/chat/admin",
+            "/api/chat/admin/users",
+            "/api/chat/%41dmin/config",
+            "/api/chat/api-keys",
+            "/api/chat/API-KEYS/abc",
+            "/api/chat/api%2Dkeys",
+        ] {
+            assert!(
+                matches!(checked_rest(p, &[]), Err(ApiError::NotFound)),
+                "{p} must be refused"
+            );
+        }
+        let deny = vec!["agents/tools".to_owned(), "Share/".to_owned()];
+        for p in [
+            "/api/chat/agents/tools",
+            "/api/chat/agents/Tools/x",
+            "/api/chat/%61gents/tools",
+            "/api/chat/share/abc",
+        ] {
+            assert!(
+                matches!(checked_rest(p, &deny), Err(ApiError::NotFound)),
+                "{p} must be refused"
+            );
+        }
+        assert_eq!(
+            checked_rest("/api/chat/agents/chat/x", &deny).ok(),
+            Some("agents/chat/x")
+        );
+    }
+
+    #[test]
+    fn neighbours_of_denied_routes_pass() {
+        for (p, rest) in [
+            ("/api/chat/user", "user"),
+            ("/api/chat/user/plugins", "user/plugins"),
+            ("/api/chat/authors", "authors"),
+            ("/api/chat/keys", "keys"),
+            ("/api/chat/convos/auth", "convos/auth"),
+            ("/api/chat/adminx", "adminx"),
+        ] {
+            assert_eq!(checked_rest(p, &[]).ok(), Some(rest), "{p}");
+        }
     }
 
     #[test]
@@ -134,6 +221,11 @@ mod tests {
         assert_eq!(
             checked_rest("/api/chat/convos/a%20b", &[]).ok(),
             Some("convos/a%20b")
+        );
+        // Forwarded verbatim: the encoding is LibreChat's to undo.
+        assert_eq!(
+            checked_rest("/api/chat/Convos/%61bc", &[]).ok(),
+            Some("Convos/%61bc")
         );
     }
 }

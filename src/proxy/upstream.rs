@@ -15,7 +15,10 @@ use hyper_util::{
 
 use std::sync::Arc;
 
-use super::{body::IdleTimeoutBody, headers};
+use super::{
+    body::{BodyOutcome, IdleTimeoutBody},
+    headers, Proxied,
+};
 use crate::telemetry::metrics::{GroupLabels, KindLabels, Metrics, StreamMetricsBody};
 use crate::{
     config::{ConfigError, LibreChatConfig},
@@ -91,16 +94,26 @@ impl Upstream {
             .map_err(|_| ApiError::BadPath)
     }
 
+    /// Sends one request. When it fails because the client's body did (`client_body` says why),
+    /// the error is the client's (413/400/408), not LibreChat's, and is not counted as an
+    /// upstream error; hyper has already dropped the upstream connection.
     pub async fn send(
         &self,
         method: Method,
         uri: Uri,
         headers: HeaderMap,
         body: Body,
+        client_body: Option<&BodyOutcome>,
         metrics: &Metrics,
     ) -> Result<Response<Incoming>, ApiError> {
         let started = std::time::Instant::now();
         let result = self.send_inner(method, uri, headers, body).await;
+        if result.is_err() {
+            if let Some(failure) = client_body.and_then(BodyOutcome::failure) {
+                tracing::info!(?failure, "request body failed; upstream request dropped");
+                return Err(failure.into());
+            }
+        }
         metrics
             .upstream_duration
             .get_or_create(&GroupLabels {
@@ -163,6 +176,7 @@ impl Upstream {
         } else {
             Body::new(body)
         };
+        parts.extensions.insert(Proxied);
         axum::response::Response::from_parts(parts, body)
     }
 }

@@ -12,7 +12,12 @@ use time::OffsetDateTime;
 use tower_sessions::{Expiry, Session};
 
 use super::{registry::IdentityTokenSet, SessionData, SessionError, UserInfo, DATA_KEY};
-use crate::{app::AppState, error::ApiError, identity::client::IdentityClientError};
+use crate::{
+    app::AppState,
+    client::{end_user_of, EndUser},
+    error::ApiError,
+    identity::client::IdentityClientError,
+};
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -64,6 +69,16 @@ pub async fn authenticate(
             session: None,
         });
     }
+    // A hostile cookie header is refused before the session is read.
+    let cookie_bytes: usize = parts
+        .headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(|v| v.len())
+        .sum();
+    if cookie_bytes > state.config.session.max_cookie_bytes {
+        return Err(ApiError::Unauthenticated);
+    }
     let session = parts
         .extensions
         .get::<Session>()
@@ -87,7 +102,8 @@ pub async fn authenticate(
     let mut changed = false;
     let skew = state.config.identity.refresh_skew_secs as i64;
     if now + skew >= data.identity_exp {
-        refresh_identity(state, &session, &sid, &mut data, now).await?;
+        let caller = end_user_of(parts, state)?;
+        refresh_identity(state, &caller, &session, &sid, &mut data, now).await?;
         changed = true;
     }
     let cfg = &state.config.session;
@@ -134,19 +150,21 @@ pub async fn end_session(state: &AppState, session: &Session, user_id: &str, sid
 /// same token would end the user's identity session.
 async fn refresh_identity(
     state: &AppState,
+    caller: &EndUser,
     session: &Session,
     sid: &str,
     data: &mut SessionData,
     now: i64,
 ) -> Result<(), ApiError> {
     let guard = state.sessions.lock_refresh(sid).await?;
-    let result = refresh_locked(state, session, sid, data, now).await;
+    let result = refresh_locked(state, caller, session, sid, data, now).await;
     guard.release().await;
     result
 }
 
 async fn refresh_locked(
     state: &AppState,
+    caller: &EndUser,
     session: &Session,
     sid: &str,
     data: &mut SessionData,
@@ -170,7 +188,7 @@ async fn refresh_locked(
         end_session(state, session, &data.user.id, sid).await;
         return Err(ApiError::SessionEnded);
     };
-    let refreshed = state.identity.refresh(refresh).await;
+    let refreshed = state.identity.refresh(refresh, caller).await;
     state.metrics.identity(
         "refresh",
         match &refreshed {

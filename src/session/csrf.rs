@@ -65,11 +65,10 @@ impl CsrfPolicy {
     }
 }
 
+/// Only these need neither the header nor an Origin check. TRACE is not among them: the proxy
+/// refuses it (405), and no method outside this list may skip the rule.
 fn is_safe(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-    )
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
 /// A same-origin request: the Origin's host[:port] is the Host the client addressed.
@@ -80,4 +79,28 @@ fn same_host(origin: &str, headers: &HeaderMap) -> bool {
     origin
         .split_once("://")
         .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_get_head_and_options_are_safe() {
+        for m in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            assert!(is_safe(&m), "{m}");
+        }
+        let propfind = Method::from_bytes(b"PROPFIND").expect("method");
+        for m in [
+            Method::TRACE,
+            Method::CONNECT,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            propfind,
+        ] {
+            assert!(!is_safe(&m), "{m}");
+        }
+    }
 }

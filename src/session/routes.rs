@@ -1,11 +1,6 @@
 //! `/auth/*`: sign in (password or handed-over token), sign out, and who am I.
 
-use axum::{
-    body::Bytes,
-    extract::State,
-    http::{request::Parts, HeaderMap},
-    Json,
-};
+use axum::{body::Bytes, extract::State, http::request::Parts, Json};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
@@ -18,9 +13,11 @@ use super::{
 };
 use crate::{
     app::AppState,
+    client::end_user_of,
     error::ApiError,
     extract::{parse_json, JsonBody},
-    identity::{IdentityTokens, VerifiedIdentity},
+    identity::{client::IdentityClientError, IdentityTokens, VerifiedIdentity},
+    throttle::ThrottleError,
 };
 
 /// Extra fields (e.g. a "remember me" flag a web app sends) are ignored.
@@ -32,34 +29,59 @@ pub struct LoginRequest {
 }
 
 /// `POST /auth/login {email|username, password}`: signs in at the identity service and opens a
-/// cookie session.
+/// cookie session. Failed attempts are throttled per client address and per identifier
+/// (`src/throttle.rs`): over a limit the identity service is not called at all.
 pub async fn login(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    parts: Parts,
     session: Session,
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    state.csrf.check_origin(&headers)?;
+    state.csrf.check_origin(&parts.headers)?;
+    let caller = end_user_of(&parts, &state)?;
     let identifier = body
         .email
         .or(body.username)
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::BadRequest("Send `email` or `username`.".into()))?;
+    let max = state.login_throttle.max_identifier_bytes();
+    if identifier.len() > max {
+        return Err(ApiError::BadRequest(format!(
+            "`email`/`username` is longer than {max} bytes."
+        )));
+    }
     if body.password.is_empty() {
         return Err(ApiError::BadRequest("Send a non-empty `password`.".into()));
     }
-    let tokens = match state.identity.obtain(&identifier, &body.password).await {
+    let attempt = match state.login_throttle.begin(caller.ip, &identifier).await {
+        Ok(attempt) => attempt,
+        Err(e) => {
+            if matches!(e, ThrottleError::Throttled(_)) {
+                state.metrics.identity("login", "throttled");
+                tracing::debug!(ip = %caller.ip, "sign-in throttled");
+            }
+            return Err(e.into());
+        }
+    };
+    let tokens = match state
+        .identity
+        .obtain(&identifier, &body.password, &caller)
+        .await
+    {
         Ok(t) => {
             state.metrics.identity("login", "ok");
+            state.login_throttle.succeeded(attempt).await;
             t
         }
+        Err(e @ IdentityClientError::Rejected) => {
+            state.metrics.identity("login", "rejected");
+            state.login_throttle.failed(attempt);
+            return Err(e.into());
+        }
         Err(e) => {
-            let outcome = match e {
-                crate::identity::client::IdentityClientError::Rejected => "rejected",
-                _ => "error",
-            };
-            state.metrics.identity("login", outcome);
+            state.metrics.identity("login", "error");
+            state.login_throttle.inconclusive(attempt).await;
             return Err(e.into());
         }
     };
@@ -67,7 +89,7 @@ pub async fn login(
         .verifier
         .verify(&tokens.access)
         .await
-        .map_err(|e| ApiError::from(crate::identity::client::IdentityClientError::Token(e)))?;
+        .map_err(|e| ApiError::from(IdentityClientError::Token(e)))?;
     let data = open_session(&state, &session, &identity, tokens).await?;
     Ok(Json(me_body(&data.user, Some(&data))))
 }

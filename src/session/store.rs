@@ -97,15 +97,6 @@ pub enum BffSessionStore {
     Redis(RedisSessionStore),
 }
 
-impl BffSessionStore {
-    pub fn describe(&self) -> &'static str {
-        match self {
-            Self::Memory(_) => "memory",
-            Self::Redis(_) => "redis",
-        }
-    }
-}
-
 #[async_trait]
 impl SessionStore for BffSessionStore {
     async fn create(&self, record: &mut Record) -> session_store::Result<()> {

@@ -1,10 +1,11 @@
-//! Runs the real BFF router on an ephemeral loopback port, and a small HTTP client that keeps
-//! the session cookie the way a browser would.
+//! Runs the real BFF (the production server loop, `serve::serve`, with its timeouts and
+//! connection cap) on an ephemeral loopback port, and a small HTTP client that keeps the session
+//! cookie the way a browser would.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use librechat_bff::{
-    app::{router, AppState},
+    app::AppState,
     clock::{Clock, ManualClock},
     config::Config,
 };
@@ -40,14 +41,12 @@ impl TestBff {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let app = router(state.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .await;
-        });
+        // Serves until the task is aborted (stop/drop), which also closes every connection.
+        let task = tokio::spawn(librechat_bff::serve::serve(
+            listener,
+            state.clone(),
+            std::future::pending(),
+        ));
         TestBff {
             base_url: format!("http://{addr}"),
             state,
@@ -167,4 +166,115 @@ impl Browser {
         )
         .await
     }
+}
+
+/// One response read off a raw TCP connection (see [`read_response`]).
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+/// Reads one HTTP/1.1 response: the head, then a Content-Length or chunked body (or everything
+/// until EOF). `None` when the connection closes before a complete head arrives.
+pub async fn read_response<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<RawReply> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if !read_into(r, &mut buf).await {
+            return None;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let mut rest = buf[head_end..].to_vec();
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.to_ascii_lowercase())
+    };
+    let body = if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        while rest.len() < len {
+            if !read_into(r, &mut rest).await {
+                break;
+            }
+        }
+        rest.truncate(len);
+        rest
+    } else if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        let mut body = Vec::new();
+        loop {
+            let Some(line_end) = rest.windows(2).position(|w| w == b"\r\n") else {
+                if !read_into(r, &mut rest).await {
+                    break;
+                }
+                continue;
+            };
+            let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            if size == 0 {
+                break;
+            }
+            while rest.len() < line_end + 2 + size + 2 {
+                if !read_into(r, &mut rest).await {
+                    return None;
+                }
+            }
+            body.extend_from_slice(&rest[line_end + 2..line_end + 2 + size]);
+            rest.drain(..line_end + 2 + size + 2);
+        }
+        body
+    } else {
+        while read_into(r, &mut rest).await {}
+        rest
+    };
+    Some(RawReply {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Appends what one read brings; false at EOF or on an error.
+async fn read_into<R: tokio::io::AsyncRead + Unpin>(r: &mut R, out: &mut Vec<u8>) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    match r.read(&mut chunk).await {
+        Ok(0) | Err(_) => false,
+        Ok(n) => {
+            out.extend_from_slice(&chunk[..n]);
+            true
+        }
+    }
+}
+
+/// Sends `request` as is on a new connection and reads one response.
+pub async fn raw_exchange(base_url: &str, request: &[u8]) -> Option<RawReply> {
+    use tokio::io::AsyncWriteExt;
+    let addr = base_url.trim_start_matches("http://");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    read_response(&mut s).await
 }

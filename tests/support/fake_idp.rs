@@ -136,6 +136,16 @@ pub struct FakeUser {
     pub is_active: bool,
 }
 
+/// Who a request to a token endpoint came from, as the identity service sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenRequest {
+    /// `/api/token/` or `/api/token/refresh/`.
+    pub path: &'static str,
+    /// Every `X-Forwarded-For` header value, in order.
+    pub forwarded_for: Vec<String>,
+    pub user_agent: Option<String>,
+}
+
 pub struct FakeIdp {
     /// `http://127.0.0.1:PORT`, without a trailing slash.
     pub base_url: String,
@@ -193,6 +203,7 @@ impl FakeIdp {
             token_calls: AtomicUsize::new(0),
             refresh_calls: AtomicUsize::new(0),
             jwks_calls: AtomicUsize::new(0),
+            seen: Mutex::new(Vec::new()),
         });
 
         let app = Router::new()
@@ -318,6 +329,15 @@ impl FakeIdp {
         self.shared.jwks_calls.load(Ordering::SeqCst)
     }
 
+    /// The `X-Forwarded-For` and `User-Agent` of every token and refresh request, in order.
+    pub fn seen_requests(&self) -> Vec<SeenRequest> {
+        self.shared
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Blacklists every outstanding refresh token of the user (like flushing them in the admin):
     /// refreshing with any of them then fails with 401. Tokens issued later are not affected.
     pub fn revoke_refresh_tokens(&self, user_id: i64) {
@@ -363,6 +383,7 @@ struct Shared {
     token_calls: AtomicUsize,
     refresh_calls: AtomicUsize,
     jwks_calls: AtomicUsize,
+    seen: Mutex<Vec<SeenRequest>>,
 }
 
 struct RsaKey {
@@ -397,6 +418,23 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, IdpState> {
         // A panicking test thread must not make every later call panic too.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn record(&self, path: &'static str, headers: &HeaderMap) {
+        let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let seen = SeenRequest {
+            path,
+            forwarded_for: headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(text)
+                .collect(),
+            user_agent: headers.get(header::USER_AGENT).map(text),
+        };
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(seen);
     }
 
     fn rsa_index(&self, what: &str) -> usize {
@@ -527,6 +565,7 @@ async fn obtain_pair(
     body: Bytes,
 ) -> Response {
     shared.token_calls.fetch_add(1, Ordering::SeqCst);
+    shared.record("/api/token/", &headers);
     let data = match parse_data(&headers, &body) {
         Ok(data) => data,
         Err((status, body)) => return drf_json(status, body),
@@ -573,6 +612,7 @@ async fn obtain_pair(
 /// `TokenRefreshView` with the blacklist app installed.
 async fn refresh(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     shared.refresh_calls.fetch_add(1, Ordering::SeqCst);
+    shared.record("/api/token/refresh/", &headers);
     let response = refresh_now(&shared, &headers, &body);
     let delay = shared.lock().refresh_delay;
     if !delay.is_zero() {

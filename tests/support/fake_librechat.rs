@@ -264,6 +264,26 @@ impl FakeLibreChat {
         self.shared.logout_calls.load(Ordering::SeqCst)
     }
 
+    /// Refuse every access token with 401 (on) or verify them again (off).
+    pub fn reject_all_tokens(&self, on: bool) {
+        self.shared.reject_tokens.store(on, Ordering::SeqCst);
+    }
+
+    /// The role (`ADMIN`, `USER`) of the user with this email.
+    pub fn role_of(&self, email: &str) -> Option<String> {
+        lock(&self.shared.db)
+            .user_by_email(email)
+            .map(|u| u.role.clone())
+    }
+
+    /// How many requests reached `path` (query string ignored).
+    pub fn calls_to(&self, path: &str) -> usize {
+        lock(&self.shared.requests)
+            .iter()
+            .filter(|r| r.path.split('?').next() == Some(path))
+            .count()
+    }
+
     /// Number of users.
     pub fn user_count(&self) -> usize {
         lock(&self.shared.db).users.len()
@@ -710,6 +730,8 @@ struct Shared {
     refresh_calls: AtomicUsize,
     register_calls: AtomicUsize,
     logout_calls: AtomicUsize,
+    /// Every access token is refused (401), as for a user LibreChat no longer accepts.
+    reject_tokens: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -732,6 +754,7 @@ impl Shared {
             refresh_calls: AtomicUsize::new(0),
             register_calls: AtomicUsize::new(0),
             logout_calls: AtomicUsize::new(0),
+            reject_tokens: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -1622,6 +1645,9 @@ fn authenticate(shared: &Shared, ctx: &Ctx) -> Result<User, Rejection> {
     let Some(token) = token else {
         return Err(unauthorized("No auth token"));
     };
+    if shared.reject_tokens.load(Ordering::SeqCst) {
+        return Err(unauthorized("Unauthorized"));
+    }
     let claims: AccessClaims =
         verify(&token, &shared.access_secret).map_err(|e| unauthorized(e.message()))?;
     lock(&shared.db)
