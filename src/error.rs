@@ -163,7 +163,9 @@ impl ApiError {
                     .into()
             }
             Self::PayloadTooLarge => {
-                "The request body is larger than librechat.max_request_body_bytes.".into()
+                "The request body is larger than this route accepts (64 KiB for /auth, admin and \
+                 webhooks; librechat.max_request_body_bytes for /api/chat)."
+                    .into()
             }
             Self::LibreChatUnavailable => "LibreChat is unreachable; try again shortly.".into(),
             Self::LibreChatTimeout => "LibreChat did not answer in time.".into(),
@@ -193,7 +195,8 @@ impl ApiError {
                 format!("Too many failed sign-in attempts; retry after {s} seconds.")
             }
             Self::RequestTimeout => {
-                "The request body stopped arriving (see server.request_body_idle_timeout_secs)."
+                "The request body did not arrive in time (server.request_body_idle_timeout_secs \
+                 between chunks of an upload, in all for a small body)."
                     .into()
             }
             Self::MalformedBody => {

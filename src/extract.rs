@@ -7,18 +7,57 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::error::ApiError;
+use crate::{app::AppState, error::ApiError};
 
 /// Largest JSON body an `/auth` or admin route reads.
 const MAX_JSON_BODY: usize = 64 * 1024;
 
+/// The whole body, at most `limit` bytes, within `deadline`: 413 when larger, 408 when too slow
+/// (a client that trickles a small body, or never finishes it, does not hold a handler), 400
+/// when unreadable.
+pub async fn read_small_body(
+    req: Request,
+    limit: usize,
+    deadline: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let body = http_body_util::Limited::new(req.into_body(), limit);
+    match tokio::time::timeout(deadline, body.collect()).await {
+        Err(_) => Err(ApiError::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::PayloadTooLarge),
+        Ok(Err(_)) => Err(ApiError::BadRequest(
+            "The request body could not be read.".into(),
+        )),
+    }
+}
+
+/// How long a small body may take to arrive in all: `server.request_body_idle_timeout_secs`.
+fn small_body_deadline(state: &AppState) -> std::time::Duration {
+    std::time::Duration::from_secs(state.config.server.request_body_idle_timeout_secs)
+}
+
+/// The raw body of a small request (webhooks: the signature covers the exact bytes), bounded in
+/// size and time like [`JsonBody`].
+pub struct SmallBody(pub Bytes);
+
+impl FromRequest<AppState> for SmallBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        read_small_body(req, MAX_JSON_BODY, small_body_deadline(state))
+            .await
+            .map(SmallBody)
+    }
+}
+
 /// Like `axum::Json`, but rejections are `{"error":"bad_request","message":...}`.
 pub struct JsonBody<T>(pub T);
 
-impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let is_json = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -32,11 +71,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 "Send a JSON body with Content-Type: application/json.".into(),
             ));
         }
-        let req =
-            req.map(|b| axum::body::Body::new(http_body_util::Limited::new(b, MAX_JSON_BODY)));
-        let body = Bytes::from_request(req, state)
-            .await
-            .map_err(|_| ApiError::BadRequest("The body is too large or unreadable.".into()))?;
+        let body = read_small_body(req, MAX_JSON_BODY, small_body_deadline(state)).await?;
         parse_json(&body).map(JsonBody)
     }
 }

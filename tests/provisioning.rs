@@ -946,3 +946,84 @@ async fn ops_and_webhook_input_with_control_characters_or_bad_emails_is_refused(
         0
     );
 }
+
+#[tokio::test]
+async fn a_replayed_or_out_of_order_webhook_cannot_undo_a_deactivation() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let created =
+        json!({"event": "user.created", "user": {"id": 440, "email": "replay@example.com"}});
+    assert_eq!(
+        hook(&bff, &created, now - 10, HOOK_SECRET).await,
+        StatusCode::ACCEPTED
+    );
+    let deactivated = json!({"event": "user.deactivated", "user": {"id": 440}});
+    assert_eq!(
+        hook(&bff, &deactivated, now - 5, HOOK_SECRET).await,
+        StatusCode::OK
+    );
+
+    // The captured creation, byte for byte (same signature), within the tolerance window.
+    assert_eq!(
+        hook(&bff, &created, now - 10, HOOK_SECRET).await,
+        StatusCode::OK
+    );
+    // An older event, validly signed but delivered late.
+    let late = json!({"event": "user.created", "user": {"id": 440, "email": "replay@example.com", "name": "Late"}});
+    assert_eq!(
+        hook(&bff, &late, now - 8, HOOK_SECRET).await,
+        StatusCode::OK
+    );
+    let record = bff
+        .state
+        .vault
+        .get("440")
+        .await
+        .expect("vault")
+        .expect("tombstone");
+    assert_eq!(record.status, CredentialStatus::Disabled);
+
+    // A newer registration does lift it.
+    assert_eq!(
+        hook(&bff, &created, now, HOOK_SECRET).await,
+        StatusCode::ACCEPTED
+    );
+    assert!(
+        bff.state.vault.get("440").await.expect("vault").is_none(),
+        "tombstone lifted"
+    );
+}
+
+#[tokio::test]
+async fn small_bodies_that_never_finish_are_408_not_a_held_handler() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&settings(&[(
+            "BFF__SERVER__REQUEST_BODY_IDLE_TIMEOUT_SECS",
+            "1".to_string(),
+        )]))
+        .await;
+    let addr = bff.base_url.trim_start_matches("http://").to_owned();
+    for path in ["/hooks/users", "/admin/users", "/auth/login"] {
+        let mut conn = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("connect");
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: bff\r\nContent-Type: application/json\r\n\
+             Authorization: Bearer {ADMIN_TOKEN}\r\nContent-Length: 100\r\n\r\n{{\"a\""
+        );
+        conn.write_all(head.as_bytes()).await.expect("write");
+        let started = Instant::now();
+        let mut reply = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut reply))
+            .await
+            .expect("an answer before the test's own limit")
+            .expect("read");
+        let text = String::from_utf8_lossy(&reply[..n]);
+        assert!(text.starts_with("HTTP/1.1 408"), "{path}: {text}");
+        assert!(text.contains("request_timeout"), "{path}: {text}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{path}");
+    }
+}

@@ -5,7 +5,6 @@
 //! so a captured request cannot be replayed later.
 
 use axum::{
-    body::Bytes,
     extract::State,
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
@@ -17,7 +16,11 @@ use serde_json::json;
 use sha2::Sha256;
 
 use super::ops::{self, NewUser};
-use crate::{app::AppState, error::ApiError, extract::parse_json};
+use crate::{
+    app::AppState,
+    error::ApiError,
+    extract::{parse_json, SmallBody},
+};
 
 #[derive(Deserialize)]
 struct HookEvent {
@@ -47,7 +50,8 @@ pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+/// Checks signature and freshness; returns the signed timestamp.
+fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<i64, ApiError> {
     let secret = state.config.hooks.secret.expose().as_bytes();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let timestamp: i64 = header("x-bff-timestamp")
@@ -67,18 +71,65 @@ fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<(), ApiE
     mac.update(body);
     // verify_slice compares in constant time.
     mac.verify_slice(&presented)
-        .map_err(|_| ApiError::HookSignature)
+        .map_err(|_| ApiError::HookSignature)?;
+    Ok(timestamp)
+}
+
+/// Each signed event is acted on once, and never after a newer one for the same user: within
+/// the tolerance window a captured `user.created` could otherwise be replayed to undo a
+/// deactivation. KEYS: seen, last. ARGV: timestamp, ttl. Returns `ok`, `duplicate` or `stale`.
+const ADMIT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+if last > tonumber(ARGV[1]) then return 'stale' end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+return 'ok'
+"#;
+
+async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    user_id: &str,
+    timestamp: i64,
+) -> Result<&'static str, ApiError> {
+    let signature = headers
+        .get("x-bff-signature")
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let digest = hex::encode(<Sha256 as sha2::Digest>::digest(signature));
+    let ttl = state.config.hooks.tolerance_secs.saturating_mul(2).max(1);
+    let mut conn = state.redis.conn().await.map_err(|e| {
+        tracing::warn!(error = %e, "webhook: store unavailable");
+        ApiError::SessionStoreUnavailable
+    })?;
+    let verdict: String = redis::Script::new(ADMIT)
+        .key(state.redis.key(&format!("{{hooks}}:seen:{digest}")))
+        .key(state.redis.key(&format!("{{hooks}}:last:{user_id}")))
+        .arg(timestamp)
+        .arg(ttl)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "webhook: store unavailable");
+            ApiError::SessionStoreUnavailable
+        })?;
+    Ok(match verdict.as_str() {
+        "duplicate" => "duplicate",
+        "stale" => "stale",
+        _ => "ok",
+    })
 }
 
 pub async fn users(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    SmallBody(body): SmallBody,
 ) -> Result<Response, ApiError> {
     if state.config.hooks.secret.is_empty() {
         return Err(ApiError::NotFound);
     }
-    verify(&state, &headers, &body)?;
+    let timestamp = verify(&state, &headers, &body)?;
     let event: HookEvent = parse_json(&body)?;
     let user_id = match &event.user.id {
         serde_json::Value::String(s) => s.clone(),
@@ -89,6 +140,19 @@ pub async fn users(
             ))
         }
     };
+    if user_id.is_empty() || user_id.len() > 256 || user_id.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest(
+            "`user.id` must be 1–256 characters without control characters.".into(),
+        ));
+    }
+    match admit(&state, &headers, &user_id, timestamp).await? {
+        "ok" => {}
+        verdict => {
+            // Acknowledged (the sender need not retry) but not acted on.
+            tracing::info!(user = %user_id, verdict, "webhook event ignored");
+            return Ok(Json(json!({ "ignored": verdict })).into_response());
+        }
+    }
     let deactivated = event.event == "user.deactivated"
         || (event.event == "user.updated" && event.user.is_active == Some(false));
     if deactivated {
