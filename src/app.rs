@@ -12,7 +12,7 @@ use tower_http::{
     catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
 };
-use tower_sessions::{cookie::SameSite, MemoryStore, SessionManagerLayer};
+use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
 use crate::{
     admin,
@@ -25,7 +25,10 @@ use crate::{
     provision::Provisioner,
     proxy::{self, Upstream},
     redis_conn::RedisHandle,
-    session::{self, csrf::CsrfPolicy, BffSessionStore, RedisSessionStore, SessionRegistry},
+    session::{
+        self, csrf::CsrfPolicy, store::MemorySessionStore, BffSessionStore, RedisSessionStore,
+        SessionRegistry,
+    },
     telemetry::{self, metrics::Metrics},
     throttle::LoginThrottle,
 };
@@ -89,15 +92,35 @@ impl AppState {
         let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
         let metrics = Arc::new(Metrics::new());
         let http = IdentityClient::http_client(&config.identity);
-        let verifier =
-            IdentityVerifier::new(&config.identity.jwt, &config.identity.claims, http.clone())?;
+        let verifier = IdentityVerifier::with_clock(
+            &config.identity.jwt,
+            &config.identity.claims,
+            http.clone(),
+            clock.clone(),
+        )?;
         let identity = IdentityClient::new(&config.identity, http);
         let redis = RedisHandle::new(config.redis.url.expose(), &config.redis.key_prefix)?;
+        let runtime = tokio::runtime::Handle::try_current().is_ok();
+        // Connecting never blocks start-up or a request (see src/redis_conn.rs).
+        if runtime {
+            redis.connect_in_background();
+        }
+        let mut background = Vec::new();
         let store = match config.session.store {
             SessionStoreKind::Redis => {
                 BffSessionStore::Redis(RedisSessionStore::new(redis.clone()))
             }
-            SessionStoreKind::Memory => BffSessionStore::Memory(MemoryStore::default()),
+            SessionStoreKind::Memory => {
+                let store = MemorySessionStore::default();
+                // Abandoned sessions expire; this deletes them (Redis does it by itself).
+                if runtime {
+                    background.push(spawn_session_cleanup(
+                        store.clone(),
+                        Duration::from_secs(config.session.memory_cleanup_interval_secs),
+                    ));
+                }
+                BffSessionStore::Memory(store)
+            }
         };
         let sessions = SessionRegistry::new(store, redis.clone(), keyring.clone());
         let vault = CredentialVault::new(redis.clone(), keyring.clone(), clock.clone());
@@ -111,10 +134,11 @@ impl AppState {
             metrics.clone(),
         );
         // Revocations published by any replica reach this one's token cache within moments.
-        let background = tokio::runtime::Handle::try_current()
-            .map(|_| vec![tokens.listen_for_revocations().abort_handle()])
-            .unwrap_or_default();
-        let upstream = Upstream::new(&config.librechat)?;
+        if runtime {
+            background.push(tokens.listen_for_revocations().abort_handle());
+        }
+        let upstream =
+            Upstream::new(&config.librechat)?.with_csrf_header(&config.csrf.header_name)?;
         let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
             .map_err(|_| ConfigError::Invalid {
                 key: "librechat.browser_user_agent".into(),
@@ -165,7 +189,26 @@ impl AppState {
     }
 }
 
+/// Deletes expired in-memory sessions every `every`.
+fn spawn_session_cleanup(store: MemorySessionStore, every: Duration) -> tokio::task::AbortHandle {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let deleted = store.delete_expired();
+            if deleted > 0 {
+                tracing::debug!(deleted, left = store.len(), "expired sessions deleted");
+            }
+        }
+    })
+    .abort_handle()
+}
+
 pub fn router(state: AppState) -> Router {
+    // Serving: a request never waits for Redis to connect (503 meanwhile).
+    state.redis.fail_fast();
     let mut app = Router::new()
         // Liveness and readiness.
         .route("/healthz", get(health::healthz))
@@ -204,7 +247,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Cookie sessions (loaded lazily: only routes that read the session touch the store).
         .layer(session_layer(&state))
-        .layer(cors_layer(&state.csrf))
+        .layer(cors_layer(&state.csrf, &state.config.csrf.header_name))
         // Any error the BFF answers itself (axum's rejections too) in the JSON problem shape.
         .layer(middleware::map_response(problem_shape))
         // Request id, log span and request metrics for everything above.
@@ -315,8 +358,9 @@ fn session_layer(state: &AppState) -> SessionManagerLayer<BffSessionStore> {
         .with_path("/")
 }
 
-/// Credentialed CORS for the allowlisted origins only; none configured → no CORS headers.
-fn cors_layer(csrf: &CsrfPolicy) -> CorsLayer {
+/// Credentialed CORS for the allowlisted origins only; none configured → no CORS headers. The
+/// CSRF header allowed is the configured one (`csrf.header_name`).
+fn cors_layer(csrf: &CsrfPolicy, csrf_header: &str) -> CorsLayer {
     let origins: Vec<HeaderValue> = csrf
         .allowed_origins()
         .filter_map(|o| HeaderValue::from_str(o).ok())
@@ -324,6 +368,9 @@ fn cors_layer(csrf: &CsrfPolicy) -> CorsLayer {
     if origins.is_empty() {
         return CorsLayer::new();
     }
+    // Validated at load (`csrf.header_name`); the default stands in should it ever not parse.
+    let csrf_header =
+        HeaderName::from_bytes(csrf_header.as_bytes()).unwrap_or(HeaderName::from_static("x-csrf"));
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_credentials(true)
@@ -339,7 +386,7 @@ fn cors_layer(csrf: &CsrfPolicy) -> CorsLayer {
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
             header::ACCEPT,
-            HeaderName::from_static("x-csrf"),
+            csrf_header,
             HeaderName::from_static("x-request-id"),
         ])
         .max_age(Duration::from_secs(600))

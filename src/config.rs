@@ -186,6 +186,8 @@ pub struct SessionConfig {
     pub absolute_lifetime_secs: u64,
     pub slide_interval_secs: u64,
     pub max_cookie_bytes: usize,
+    /// `store = "memory"`: expired sessions are deleted this often.
+    pub memory_cleanup_interval_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -237,6 +239,8 @@ pub struct JwtConfig {
     pub public_key_pem_file: String,
     pub jwks_url: String,
     pub jwks_min_refetch_secs: u64,
+    /// JWKS keys older than this are not trusted (refreshed in the background from half of it).
+    pub jwks_max_age_secs: u64,
     pub leeway_secs: u64,
     pub issuer: String,
     pub audience: String,
@@ -473,6 +477,15 @@ impl Config {
             return Err(invalid("identity.timeout_secs", "must be > 0"));
         }
         crate::identity::verifier::parse_algorithms(&id.jwt)?;
+        if id.jwt.jwks_max_age_secs == 0 {
+            return Err(invalid("identity.jwt.jwks_max_age_secs", "must be > 0"));
+        }
+        if self.session.memory_cleanup_interval_secs == 0 {
+            return Err(invalid(
+                "session.memory_cleanup_interval_secs",
+                "must be > 0",
+            ));
+        }
         if id.claims.user_id.is_empty() {
             return Err(invalid(
                 "identity.claims.user_id",

@@ -70,6 +70,18 @@ pub enum ApiError {
     MalformedBody,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The identity service's signing keys (JWKS) cannot be read; retry after the seconds.
+    #[error("the identity signing keys are unavailable; retry after {0}s")]
+    IdentityKeysUnavailable(u64),
+    /// As [`ApiError::ProvisioningPending`], with the seconds until the user's job runs next.
+    #[error("the user's LibreChat account is being provisioned; retry after {0}s")]
+    ProvisioningPendingFor(u64),
+    /// The identity service asked us to come back later (429, or 503 with `Retry-After`).
+    #[error("the identity service is throttling; retry after {0}s")]
+    IdentityThrottled(u64),
+    /// Another request is renewing this user's upstream login and did not finish in time.
+    #[error("a renewal for this user is still in progress; retry after {0}s")]
+    Busy(u64),
 }
 
 impl ApiError {
@@ -81,7 +93,7 @@ impl ApiError {
             | Self::BadCredentials => StatusCode::UNAUTHORIZED,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Forbidden(_) | Self::Csrf(_) => StatusCode::FORBIDDEN,
-            Self::IdentityUnavailable => StatusCode::BAD_GATEWAY,
+            Self::IdentityUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::SessionStoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::HookSignature => StatusCode::UNAUTHORIZED,
@@ -101,6 +113,10 @@ impl ApiError {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::MalformedBody => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::IdentityKeysUnavailable(_) | Self::ProvisioningPendingFor(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::IdentityThrottled(_) | Self::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -134,6 +150,10 @@ impl ApiError {
             Self::RequestTimeout => "request_timeout",
             Self::MalformedBody => "malformed_body",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::IdentityKeysUnavailable(_) => "identity_keys_unavailable",
+            Self::ProvisioningPendingFor(_) => "provisioning_pending",
+            Self::IdentityThrottled(_) => "identity_unavailable",
+            Self::Busy(_) => "busy",
         }
     }
 
@@ -203,9 +223,27 @@ impl ApiError {
                 "The request body is malformed (broken chunked encoding or cut short).".into()
             }
             Self::MethodNotAllowed => "This route does not accept that method.".into(),
+            Self::IdentityKeysUnavailable(s) => format!(
+                "The identity service's signing keys cannot be fetched right now; retry after \
+                 {s} seconds (your token was not rejected)."
+            ),
+            Self::ProvisioningPendingFor(s) => {
+                format!("Your chat account is being set up; retry in {s} seconds.")
+            }
+            Self::IdentityThrottled(s) => format!(
+                "The identity service is busy; retry after {s} seconds (you are still signed in)."
+            ),
+            Self::Busy(s) => format!("Your sign-in is being renewed; retry in {s} seconds."),
         }
     }
 }
+
+/// `Retry-After` of `provisioning_pending` when the job's next run is not known (queued or
+/// running jobs finish within seconds).
+pub const PROVISIONING_RETRY_SECS: u64 = 2;
+
+/// `Retry-After` of `identity_unavailable` (identity service unreachable, timed out or 5xx).
+pub const IDENTITY_RETRY_SECS: u64 = 5;
 
 /// A JSON problem response with the given status, code and message.
 pub fn problem(status: StatusCode, code: &str, message: &str) -> Response {
@@ -226,8 +264,11 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         let retry_after = match self {
-            Self::ProvisioningPending => Some(5),
+            Self::ProvisioningPending => Some(PROVISIONING_RETRY_SECS),
+            Self::ProvisioningPendingFor(s) | Self::IdentityKeysUnavailable(s) => Some(s),
             Self::UpstreamRateLimited(s) | Self::LoginThrottled(s) => Some(s),
+            Self::IdentityThrottled(s) | Self::Busy(s) => Some(s),
+            Self::IdentityUnavailable => Some(IDENTITY_RETRY_SECS),
             _ => None,
         };
         if let Some(secs) = retry_after {
@@ -241,7 +282,9 @@ impl IntoResponse for ApiError {
 impl From<VerifyError> for ApiError {
     fn from(e: VerifyError) -> Self {
         match e {
-            VerifyError::KeysUnavailable(_) => Self::IdentityUnavailable,
+            VerifyError::KeysUnavailable {
+                retry_after_secs, ..
+            } => Self::IdentityKeysUnavailable(retry_after_secs),
             other => Self::InvalidToken(other),
         }
     }
@@ -251,6 +294,9 @@ impl From<IdentityClientError> for ApiError {
     fn from(e: IdentityClientError) -> Self {
         match e {
             IdentityClientError::Rejected => Self::BadCredentials,
+            IdentityClientError::Throttled { retry_after } => {
+                Self::IdentityThrottled(retry_after.as_secs().max(1))
+            }
             IdentityClientError::Token(v) => Self::from(v),
             IdentityClientError::Unavailable(_) | IdentityClientError::BadResponse(_) => {
                 Self::IdentityUnavailable
@@ -278,6 +324,7 @@ impl From<crate::librechat::TokenError> for ApiError {
             E::Disabled => Self::AccountDisabled,
             E::Conflict => Self::AccountConflict,
             E::RejectedFresh => Self::LibreChatUnauthorized,
+            E::Busy => Self::Busy(2),
             E::RateLimited(d) => Self::UpstreamRateLimited(d.as_secs().max(1)),
             E::Banned => Self::UpstreamBanned,
             E::Unavailable(m) => {

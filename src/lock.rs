@@ -1,5 +1,11 @@
 //! Single-flight locks: in-process per key, and across replicas with a Redis lock
 //! (`SET key token NX PX ttl`, released only by its owner).
+//!
+//! A Redis lock is kept alive while its holder is: a watchdog task extends its TTL (only while
+//! the stored value is still this holder's) every third of the TTL, so work that outlasts the TTL
+//! (a slow upstream) is never joined by a second replica. When the holder goes away without
+//! releasing it (its future was dropped, it panicked), the lock is released at once by `Drop`
+//! instead of blocking everyone else until the TTL runs out.
 
 use std::{
     collections::HashMap,
@@ -7,9 +13,16 @@ use std::{
     time::Duration,
 };
 
-use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::{
+    sync::{Mutex as AsyncMutex, OwnedMutexGuard},
+    task::AbortHandle,
+};
 
 use crate::redis_conn::RedisHandle;
+
+/// A watchdog stops extending a lock after this long: a holder that hangs longer than any
+/// legitimate work (refresh + re-login, each bounded by a 120 s upstream timeout) loses it.
+pub const MAX_HOLD: Duration = Duration::from_secs(600);
 
 /// Per-key async mutexes; entries vanish when nobody holds or waits for them.
 #[derive(Default, Debug)]
@@ -35,33 +48,56 @@ impl LocalLocks {
         };
         mutex.lock_owned().await
     }
+
+    /// [`lock`](Self::lock), waiting at most `wait`.
+    pub async fn lock_within(
+        &self,
+        key: &str,
+        wait: Duration,
+    ) -> Result<OwnedMutexGuard<()>, LockError> {
+        tokio::time::timeout(wait, self.lock(key))
+            .await
+            .map_err(|_| LockError::Timeout(format!("local:{key}")))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("lock `{0}` still held by another replica after the wait bound")]
+    #[error("lock `{0}` still held by another holder after the wait bound")]
     Timeout(String),
 }
 
-/// A held Redis lock. Release it with [`RedisLock::release`]; if dropped, it expires by its TTL.
+/// A held Redis lock, kept alive by a watchdog while held. Release it with
+/// [`RedisLock::release`]; if it is dropped instead, the release runs in a spawned task.
 pub struct RedisLock {
     redis: RedisHandle,
     key: String,
     token: String,
+    watchdog: Option<AbortHandle>,
+    released: bool,
+}
+
+impl std::fmt::Debug for RedisLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLock").field("key", &self.key).finish()
+    }
 }
 
 const RELEASE: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"#;
+const EXTEND: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"#;
 
 impl RedisLock {
-    /// Waits up to `wait` for the lock `key`, which expires after `ttl` if its holder dies.
+    /// Waits up to `wait` for the lock `key`, which expires after `ttl` once its holder stops
+    /// extending it (see the module documentation).
     pub async fn acquire(
         redis: &RedisHandle,
         key: String,
         ttl: Duration,
         wait: Duration,
     ) -> Result<RedisLock, LockError> {
+        let ttl = ttl.max(Duration::from_millis(30));
         let token = uuid::Uuid::new_v4().to_string();
         let deadline = tokio::time::Instant::now() + wait;
         let mut pause = Duration::from_millis(5);
@@ -76,32 +112,102 @@ impl RedisLock {
                 .query_async(&mut conn)
                 .await?;
             if got.is_some() {
+                let watchdog =
+                    tokio::spawn(keep_alive(redis.clone(), key.clone(), token.clone(), ttl))
+                        .abort_handle();
                 return Ok(RedisLock {
                     redis: redis.clone(),
                     key,
                     token,
+                    watchdog: Some(watchdog),
+                    released: false,
                 });
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(LockError::Timeout(key));
             }
-            // Another replica holds it; it will finish within its TTL.
+            // Another holder has it; it releases it when done (or when it goes away).
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
 
-    pub async fn release(self) {
-        let Ok(mut conn) = self.redis.conn().await else {
+    pub async fn release(mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        release(&self.redis, &self.key, &self.token).await;
+        // Only now: if this future is dropped mid-release, `Drop` releases instead.
+        self.released = true;
+    }
+}
+
+impl Drop for RedisLock {
+    fn drop(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.abort();
+        }
+        if self.released {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let released: redis::RedisResult<i64> = redis::Script::new(RELEASE)
-            .key(&self.key)
-            .arg(&self.token)
+        let (redis, key, token) = (self.redis.clone(), self.key.clone(), self.token.clone());
+        runtime.spawn(async move {
+            tracing::debug!(key = %key, "lock holder went away; releasing its lock");
+            release(&redis, &key, &token).await;
+        });
+    }
+}
+
+/// Deletes the lock if it is still `token`'s.
+async fn release(redis: &RedisHandle, key: &str, token: &str) {
+    let released = async {
+        let mut conn = redis.conn().await?;
+        let deleted: i64 = redis::Script::new(RELEASE)
+            .key(key)
+            .arg(token)
             .invoke_async(&mut conn)
-            .await;
-        if let Err(e) = released {
-            tracing::warn!(key = %self.key, error = %e, "could not release lock; it expires by TTL");
+            .await?;
+        Ok::<_, redis::RedisError>(deleted)
+    }
+    .await;
+    if let Err(e) = released {
+        tracing::warn!(key = %key, error = %e, "could not release lock; it expires by TTL");
+    }
+}
+
+/// Extends the lock every third of its TTL while it is still `token`'s, for at most
+/// [`MAX_HOLD`]. Ends when the lock turns out to be someone else's (or gone).
+async fn keep_alive(redis: RedisHandle, key: String, token: String, ttl: Duration) {
+    let period = ttl / 3;
+    let give_up = tokio::time::Instant::now() + MAX_HOLD;
+    loop {
+        tokio::time::sleep(period).await;
+        if tokio::time::Instant::now() >= give_up {
+            tracing::warn!(key = %key, "lock held longer than the maximum; no longer extended");
+            return;
+        }
+        let extended = async {
+            let mut conn = redis.conn().await?;
+            let extended: i64 = redis::Script::new(EXTEND)
+                .key(&key)
+                .arg(&token)
+                .arg(ttl.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>(extended)
+        }
+        .await;
+        match extended {
+            Ok(1) => {}
+            Ok(_) => {
+                tracing::warn!(key = %key, "lock expired or taken over while held");
+                return;
+            }
+            // Transient: the lock still has the rest of its TTL; try again next period.
+            Err(e) => tracing::warn!(key = %key, error = %e, "could not extend lock"),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use axum::http::HeaderValue;
 use provisioning::{
-    normalize_email, workflow::BackendError, AccountBackend, Job, JobHandler, JobQueue,
+    normalize_email, workflow::BackendError, AccountBackend, Job, JobHandler, JobQueue, JobState,
     LibreChatFailure, Outcome, ProvisionRequest, ProvisionWorkflow, QueueConfig, QueueError,
     StoredCredential, Worker,
 };
@@ -224,13 +224,17 @@ pub struct Provisioner {
     concurrency: usize,
     metrics: Arc<Metrics>,
     service: Arc<ServiceAccount>,
-    /// When `ensure` last ran per user: a user hammering `/api/chat/*` while pending (or whose
-    /// repair keeps failing) costs one check per interval, not one per request.
-    recent: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    /// Users `ensure` ran for in the last [`ENSURE_INTERVAL`]: a user hammering `/api/chat/*`
+    /// while pending (or whose repair keeps failing) costs one check per interval, not one per
+    /// request. Bounded: at most [`ENSURE_RECENT_CAPACITY`] users, each for the interval.
+    recent: moka::sync::Cache<String, ()>,
 }
 
 /// `ensure` runs at most once per user per this interval in one process.
 const ENSURE_INTERVAL: Duration = Duration::from_secs(30);
+/// Users remembered by `ensure`'s throttle; beyond it some are forgotten early (costing them
+/// one more check), never kept longer.
+pub const ENSURE_RECENT_CAPACITY: u64 = 10_000;
 
 impl std::fmt::Debug for Provisioner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,8 +281,57 @@ impl Provisioner {
             concurrency: p.concurrency,
             metrics,
             service,
-            recent: Arc::default(),
+            recent: moka::sync::Cache::builder()
+                .max_capacity(ENSURE_RECENT_CAPACITY)
+                .time_to_live(ENSURE_INTERVAL)
+                // A new user must always be remembered (TinyLFU could refuse a first sighting).
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
+                .build(),
         }
+    }
+
+    /// Users `ensure`'s throttle currently remembers (after pending evictions ran).
+    pub fn ensure_recent_len(&self) -> u64 {
+        self.recent.run_pending_tasks();
+        self.recent.entry_count()
+    }
+
+    /// Whether `ensure` should check `user_id` now (false: it did within [`ENSURE_INTERVAL`]);
+    /// remembers the check.
+    pub fn ensure_due(&self, user_id: &str) -> bool {
+        let entry = self.recent.entry_by_ref(user_id).or_insert(());
+        entry.is_fresh()
+    }
+
+    /// Seconds until the user's provisioning job runs next, for `Retry-After`: the job's
+    /// `next_run_at` when it waits (backoff, LibreChat's limiter), else a small default (queued
+    /// or running jobs finish within seconds, and so does a failed lookup).
+    pub async fn retry_after(&self, user_id: &str) -> u64 {
+        match self.next_run_in(user_id).await {
+            Ok(Some(secs)) => secs,
+            Ok(None) => crate::error::PROVISIONING_RETRY_SECS,
+            Err(e) => {
+                tracing::debug!(user = %user_id, error = %e, "cannot read the provisioning job");
+                crate::error::PROVISIONING_RETRY_SECS
+            }
+        }
+    }
+
+    async fn next_run_in(&self, user_id: &str) -> Result<Option<u64>, QueueError> {
+        let Some(id) = self.queue.active_job_of(user_id).await? else {
+            return Ok(None);
+        };
+        let Some(job) = self.queue.job(&id).await? else {
+            return Ok(None);
+        };
+        Ok(match (job.state, job.next_run_at) {
+            // `next_run_at` is whole seconds, rounded down: +1 never answers too early.
+            (JobState::Delayed, Some(at)) => {
+                let left = at.saturating_add(1) - provisioning::queue::now();
+                Some(u64::try_from(left).unwrap_or(0).max(1))
+            }
+            _ => None,
+        })
     }
 
     /// The address and agent the BFF's own LibreChat calls (not on behalf of a request) use.
@@ -352,19 +405,8 @@ impl Provisioner {
     /// Just in time: make sure a user without a usable LibreChat account has a job. Cheap when
     /// one is already queued (the queue is idempotent per user).
     pub async fn ensure(&self, user: &UserInfo, source: &str) -> Result<(), ProvisionError> {
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            let now = std::time::Instant::now();
-            if recent
-                .get(&user.id)
-                .is_some_and(|t| now.duration_since(*t) < ENSURE_INTERVAL)
-            {
-                return Ok(());
-            }
-            if recent.len() > 10_000 {
-                recent.retain(|_, t| now.duration_since(*t) < ENSURE_INTERVAL);
-            }
-            recent.insert(user.id.clone(), now);
+        if !self.ensure_due(&user.id) {
+            return Ok(());
         }
         let record = self.vault.get(&user.id).await?;
         let (email, name) = match &record {

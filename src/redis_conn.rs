@@ -1,7 +1,14 @@
-//! One lazily connected, auto-reconnecting Redis connection shared by the whole process.
+//! One auto-reconnecting Redis connection shared by the whole process, connected in the
+//! background.
 //!
-//! Lazy so `serve` starts (and `/healthz` answers) while Redis is still down; requests that need
-//! Redis then fail with 503 and recover by themselves once it is back.
+//! Nothing waits on a connect: `serve` starts (and `/healthz` answers) while Redis is still down,
+//! and while it serves ([`RedisHandle::fail_fast`]) a caller finding no connection waits at most
+//! [`FAIL_FAST_WAIT`] for an attempt already under way, or not at all once an attempt has
+//! failed, then gets an error (503 `session_store_unavailable` for a request). Command-line
+//! tools wait for the attempt under way ([`CONNECT_TIMEOUT`]). One connector task tries again with backoff
+//! (each attempt, Sentinel lookup included, bounded by [`CONNECT_TIMEOUT`]) until it succeeds,
+//! so service comes back by itself once Redis answers. After that the `ConnectionManager`
+//! reconnects by itself.
 //!
 //! `redis.url` is a plain endpoint (`redis://`, `unix://`) or Sentinel
 //! (`redis+sentinel://[:password@]host:port[,host:port…]/<master name>[/<db>]`). With Sentinel the
@@ -11,7 +18,7 @@
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, RwLock, Weak,
     },
     time::Duration,
 };
@@ -19,22 +26,48 @@ use std::{
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
     sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
-    RedisConnectionInfo,
+    ErrorKind, RedisConnectionInfo, RedisError,
 };
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::{watch, Mutex};
 
 use crate::config::ConfigError;
+
+/// One connect attempt (Sentinel lookup, TCP, handshake) gives up after this long.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a caller waits for a connect attempt already under way.
+pub const FAIL_FAST_WAIT: Duration = Duration::from_millis(250);
+/// Pause between failed attempts: doubles from the first to the last.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 enum Target {
     Direct(redis::Client),
     Sentinel(Mutex<SentinelClient>),
 }
 
+/// Where the connector is.
+#[derive(Debug, Clone)]
+enum Link {
+    /// No connection and no attempt yet.
+    Idle,
+    Connecting,
+    Connected,
+    /// The last attempt failed; the connector tries again shortly.
+    Down(RedisError),
+}
+
+struct Shared {
+    target: Target,
+    manager: RwLock<Option<ConnectionManager>>,
+    link: watch::Sender<Link>,
+    connector: AtomicBool,
+    watchdog: AtomicBool,
+    fail_fast: AtomicBool,
+}
+
 #[derive(Clone)]
 pub struct RedisHandle {
-    target: Arc<Target>,
-    manager: Arc<RwLock<Option<ConnectionManager>>>,
-    watchdog: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     prefix: Arc<str>,
 }
 
@@ -118,72 +151,71 @@ impl RedisHandle {
             )
         };
         Ok(Self {
-            target: Arc::new(target),
-            manager: Arc::new(RwLock::new(None)),
-            watchdog: Arc::new(AtomicBool::new(false)),
+            shared: Arc::new(Shared {
+                target,
+                manager: RwLock::new(None),
+                link: watch::Sender::new(Link::Idle),
+                connector: AtomicBool::new(false),
+                watchdog: AtomicBool::new(false),
+                fail_fast: AtomicBool::new(false),
+            }),
             prefix: prefix.into(),
         })
     }
 
-    /// A client for the current master.
+    /// A client for the current master (with Sentinel: asked of the sentinels, within
+    /// [`CONNECT_TIMEOUT`]).
     pub async fn client(&self) -> redis::RedisResult<redis::Client> {
-        match &*self.target {
-            Target::Direct(client) => Ok(client.clone()),
-            Target::Sentinel(sentinel) => sentinel.lock().await.async_get_client().await,
-        }
+        self.shared.client().await
     }
 
-    /// A cheap clone of the shared connection; connects on first use.
+    /// A cheap clone of the shared connection. Without one, this starts the connector if it is
+    /// not running, waits for an attempt under way (at most [`FAIL_FAST_WAIT`] once
+    /// [`fail_fast`](Self::fail_fast)), and otherwise fails at once with the last attempt's error.
     pub async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
-        if let Some(m) = self.manager.read().await.as_ref() {
-            return Ok(m.clone());
+        if let Some(m) = self.shared.current() {
+            return Ok(m);
         }
-        let mut slot = self.manager.write().await;
-        if let Some(m) = slot.as_ref() {
-            return Ok(m.clone());
+        self.connect_in_background();
+        let wait = if self.shared.fail_fast.load(Ordering::Relaxed) {
+            FAIL_FAST_WAIT
+        } else {
+            CONNECT_TIMEOUT + Duration::from_millis(500)
+        };
+        let mut link = self.shared.link.subscribe();
+        let settled = tokio::time::timeout(
+            wait,
+            link.wait_for(|l| !matches!(l, Link::Idle | Link::Connecting)),
+        )
+        .await;
+        if let Some(m) = self.shared.current() {
+            return Ok(m);
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_with_config(self.client().await?, config).await?;
-        *slot = Some(manager.clone());
-        drop(slot);
-        self.start_watchdog();
-        Ok(manager)
+        Err(match settled {
+            Ok(Ok(l)) => match &*l {
+                Link::Down(e) => e.clone(),
+                _ => not_connected("the connection was just dropped"),
+            },
+            Ok(Err(_)) => not_connected("the connector stopped"),
+            Err(_) => not_connected("still connecting"),
+        })
     }
 
-    /// With Sentinel: drop the connection when the node it reaches stops being the master.
-    fn start_watchdog(&self) {
-        if !matches!(*self.target, Target::Sentinel(_))
-            || self.watchdog.swap(true, Ordering::SeqCst)
-        {
-            return;
-        }
-        let slot = Arc::downgrade(&self.manager);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                let Some(slot) = slot.upgrade() else { return };
-                let current = slot.read().await.clone();
-                let Some(mut conn) = current else { continue };
-                let role: redis::RedisResult<redis::Value> =
-                    redis::cmd("ROLE").query_async(&mut conn).await;
-                let is_master = matches!(
-                    &role,
-                    Ok(redis::Value::Array(items))
-                        if matches!(items.first(), Some(redis::Value::BulkString(r)) if r == b"master")
-                );
-                if !is_master {
-                    tracing::warn!(
-                        "Redis node is no longer the master (failover?): asking Sentinel again"
-                    );
-                    *slot.write().await = None;
-                }
-            }
-        });
+    /// Starts the connector task unless it runs or a connection exists: it connects (retrying
+    /// with backoff) and ends once connected. Needs a Tokio runtime.
+    pub fn connect_in_background(&self) {
+        kick(&self.shared);
+    }
+
+    /// For a server: callers stop waiting for a connect attempt after [`FAIL_FAST_WAIT`], so a
+    /// slow or unreachable Redis costs a request a 503, not the connect timeout.
+    pub fn fail_fast(&self) {
+        self.shared.fail_fast.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a connection is established (it may still be failing over or reconnecting).
+    pub fn is_connected(&self) -> bool {
+        self.shared.current().is_some()
     }
 
     /// `{prefix}:{rest}`: every key this service writes.
@@ -207,4 +239,130 @@ impl provisioning::queue::RedisSource for RedisHandle {
     async fn client(&self) -> redis::RedisResult<redis::Client> {
         RedisHandle::client(self).await
     }
+}
+
+fn not_connected(detail: &str) -> RedisError {
+    RedisError::from((ErrorKind::Io, "Redis is not connected", detail.to_owned()))
+}
+
+impl Shared {
+    fn current(&self) -> Option<ConnectionManager> {
+        self.manager
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_manager(&self, manager: Option<ConnectionManager>) {
+        *self.manager.write().unwrap_or_else(|p| p.into_inner()) = manager;
+    }
+
+    async fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.target {
+            Target::Direct(client) => Ok(client.clone()),
+            Target::Sentinel(sentinel) => tokio::time::timeout(CONNECT_TIMEOUT, async {
+                sentinel.lock().await.async_get_client().await
+            })
+            .await
+            .unwrap_or_else(|_| Err(not_connected("the sentinels did not answer in time"))),
+        }
+    }
+
+    /// One attempt: the master's address (Sentinel) and a connection, within
+    /// [`CONNECT_TIMEOUT`] in all.
+    async fn connect_once(&self) -> redis::RedisResult<ConnectionManager> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(Duration::from_secs(3)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        tokio::time::timeout(CONNECT_TIMEOUT, async {
+            ConnectionManager::new_with_config(self.client().await?, config).await
+        })
+        .await
+        .unwrap_or_else(|_| Err(not_connected("connect timed out")))
+    }
+}
+
+/// Starts the connector unless it runs or a connection exists.
+fn kick(shared: &Arc<Shared>) {
+    if shared.current().is_some() || shared.connector.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    tokio::spawn(connector(Arc::downgrade(shared)));
+}
+
+/// Connects, retrying with backoff, until connected or the handle is gone.
+async fn connector(weak: Weak<Shared>) {
+    let mut pause = RETRY_FIRST;
+    let mut warned = false;
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        shared.link.send_replace(Link::Connecting);
+        match shared.connect_once().await {
+            Ok(manager) => {
+                shared.set_manager(Some(manager));
+                shared.link.send_replace(Link::Connected);
+                if warned {
+                    tracing::info!("Redis is reachable again");
+                }
+                start_watchdog(&shared);
+                shared.connector.store(false, Ordering::SeqCst);
+                // The watchdog may have dropped the connection meanwhile, and found us running.
+                if shared.current().is_none() {
+                    kick(&shared);
+                }
+                return;
+            }
+            Err(e) => {
+                if warned {
+                    tracing::debug!(error = %e, "Redis still unreachable");
+                } else {
+                    tracing::warn!(error = %e, "Redis unreachable; retrying in the background");
+                    warned = true;
+                }
+                shared.link.send_replace(Link::Down(e));
+            }
+        }
+        drop(shared);
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(RETRY_MAX);
+    }
+}
+
+/// With Sentinel: drop the connection when the node it reaches stops being the master; the
+/// next use asks the sentinels again.
+fn start_watchdog(shared: &Arc<Shared>) {
+    if !matches!(shared.target, Target::Sentinel(_)) || shared.watchdog.swap(true, Ordering::SeqCst)
+    {
+        return;
+    }
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(shared) = weak.upgrade() else { return };
+            let Some(mut conn) = shared.current() else {
+                continue;
+            };
+            let role: redis::RedisResult<redis::Value> =
+                tokio::time::timeout(CONNECT_TIMEOUT, redis::cmd("ROLE").query_async(&mut conn))
+                    .await
+                    .unwrap_or_else(|_| Err(not_connected("ROLE timed out")));
+            let is_master = matches!(
+                &role,
+                Ok(redis::Value::Array(items))
+                    if matches!(items.first(), Some(redis::Value::BulkString(r)) if r == b"master")
+            );
+            if !is_master {
+                tracing::warn!(
+                    "Redis node is no longer the master (failover?): asking Sentinel again"
+                );
+                shared.set_manager(None);
+                shared.link.send_replace(Link::Idle);
+                kick(&shared);
+            }
+        }
+    });
 }

@@ -13,7 +13,7 @@ use librechat_bff::credentials::vault::CredentialStatus;
 use reqwest::{header, StatusCode};
 use serde_json::Value;
 use support::{
-    fake_librechat::FakeLibreChatOptions,
+    fake_librechat::{CannedAnswer, FakeLibreChatOptions},
     world::{chat_body, get_json, http, World, BROWSER_UA, ID_PASSWORD},
 };
 
@@ -998,5 +998,289 @@ async fn a_librechat_that_refuses_fresh_tokens_costs_one_renewal_not_one_per_req
     assert_eq!(
         get_json(&bff, "/api/chat/convos", &bearer).await.0,
         StatusCode::OK
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failure semantics of LibreChat logins: detached renewals, lock watchdog, drift only on
+// LibreChat's own verdict, remembered failures, bounded memory
+// ---------------------------------------------------------------------------------------------
+
+/// Sends `GET path` with the bearer token on a new connection, waits for `held` (the upstream
+/// call the request is stuck in), then goes away as a backgrounded phone would, and returns
+/// once the BFF has closed the connection without answering.
+async fn abandon_mid_request(
+    bff: &support::bff::TestBff,
+    path: &str,
+    bearer: &str,
+    held: &support::fake_librechat::StreamGate,
+) {
+    use tokio::io::AsyncWriteExt;
+    let addr = bff.base_url.trim_start_matches("http://");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    held.reached().await;
+    conn.shutdown().await.expect("half-close");
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        support::bff::read_response(&mut conn),
+    )
+    .await
+    .expect("the BFF closes the abandoned connection");
+    assert!(
+        reply.is_none(),
+        "no answer for a client that left: {reply:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_librechat_refresh_loses_neither_the_login_nor_30_seconds() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 40).await;
+    let bearer = w.bearer(40);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!((w.lc.login_calls(), w.lc.refresh_calls()), (1, 0));
+
+    // LibreChat refuses the token: the BFF refreshes. LibreChat rotates the refresh cookie on
+    // arrival and holds its answer; the client goes away meanwhile.
+    w.lc.reject_all_tokens(true);
+    let gate = w.lc.hold_next_auth("/api/auth/refresh");
+    abandon_mid_request(&bff, "/api/chat/convos", &bearer, &gate).await;
+    w.lc.reject_all_tokens(false);
+    gate.release();
+
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(20),
+        get_json(&bff, "/api/chat/convos", &bearer),
+    )
+    .await
+    .expect("the next request does not stall on a leaked lock");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}: waited for a leaked lock",
+        started.elapsed()
+    );
+    assert_eq!(
+        (w.lc.login_calls(), w.lc.refresh_calls()),
+        (1, 1),
+        "one refresh, no re-login"
+    );
+
+    // The stored refresh cookie is the rotated one: the next renewal is a refresh, not a login.
+    w.lc.reject_all_tokens(true);
+    let (status, _) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        (w.lc.login_calls(), w.lc.refresh_calls()),
+        (1, 2),
+        "the rotated refresh cookie was kept"
+    );
+}
+
+#[tokio::test]
+async fn a_librechat_refresh_slower_than_the_lock_ttl_is_not_repeated_by_another_replica() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let a = w.bff(&[]).await;
+    let b = w.bff(&[]).await;
+    // A short TTL stands in for a LibreChat slower than the default 30 s.
+    let ttl = Duration::from_millis(300);
+    a.state.tokens.set_lock_ttl(ttl);
+    b.state.tokens.set_lock_ttl(ttl);
+    w.user(&a, 41).await;
+    let bearer = w.bearer(41);
+    assert_eq!(
+        get_json(&a, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get_json(&b, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(w.lc.login_calls(), 1, "b adopted a's login");
+
+    // Both replicas see LibreChat refuse the token and renew; one refresh is held.
+    w.lc.reject_all_tokens(true);
+    let gate = w.lc.hold_next_auth("/api/auth/refresh");
+    let on = |bff: &support::bff::TestBff| {
+        let url = format!("{}/api/chat/convos", bff.base_url);
+        let bearer = bearer.clone();
+        tokio::spawn(async move {
+            let res = http()
+                .get(url)
+                .bearer_auth(bearer)
+                .send()
+                .await
+                .expect("send");
+            res.status()
+        })
+    };
+    let (ra, rb) = (on(&a), on(&b));
+    gate.reached().await;
+    support::wait::eventually(10, "both replicas' requests refused", || async {
+        (w.lc.calls_to("/api/convos") >= 4).then_some(())
+    })
+    .await;
+    // The refresh now outlasts the lock's TTL several times over; the lock must still be held.
+    tokio::time::sleep(ttl * 4).await;
+    let mut redis = redis::Client::open(w.redis.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{}:lock:lc-login:41", w.redis.key_prefix()))
+        .query_async(&mut redis)
+        .await
+        .expect("pttl");
+    assert!(pttl > 0, "the lock is kept alive while held (PTTL {pttl})");
+    w.lc.reject_all_tokens(false);
+    gate.release();
+
+    assert_eq!(ra.await.expect("a"), StatusCode::OK);
+    assert_eq!(rb.await.expect("b"), StatusCode::OK);
+    assert_eq!(
+        (w.lc.refresh_calls(), w.lc.login_calls()),
+        (1, 1),
+        "one refresh, and no replica refreshed with the spent cookie"
+    );
+}
+
+#[tokio::test]
+async fn an_ingress_404_at_login_does_not_mark_the_credential_drifted() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 42).await;
+    let bearer = w.bearer(42);
+    let status_of = |bff: &support::bff::TestBff| {
+        let vault = bff.state.vault.clone();
+        async move {
+            vault
+                .get("42")
+                .await
+                .expect("vault")
+                .expect("record")
+                .status
+        }
+    };
+
+    // A misrouting ingress answers the login with its own HTML 404.
+    w.lc.answer_with("/api/auth/login", Some(CannedAnswer::ingress_404()));
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert!(
+        status == StatusCode::BAD_GATEWAY || status == StatusCode::SERVICE_UNAVAILABLE,
+        "{status} {body}"
+    );
+    assert_eq!(body["error"], "librechat_unavailable");
+    assert_eq!(w.lc.login_calls(), 1);
+    assert_eq!(status_of(&bff).await, CredentialStatus::Ready);
+
+    // A JSON 404 that is not a credential verdict (LibreChat's "Endpoint not found").
+    bff.clock.advance(Duration::from_secs(6));
+    w.lc.answer_with(
+        "/api/auth/login",
+        Some(CannedAnswer {
+            status: StatusCode::NOT_FOUND,
+            content_type: "application/json; charset=utf-8",
+            body: r#"{"message":"Endpoint not found"}"#.into(),
+        }),
+    );
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(body["error"], "librechat_unavailable", "{status} {body}");
+    assert_eq!(w.lc.login_calls(), 2);
+    assert_eq!(status_of(&bff).await, CredentialStatus::Ready);
+
+    // Routed again: the same credential works.
+    bff.clock.advance(Duration::from_secs(6));
+    w.lc.answer_with("/api/auth/login", None);
+    let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(status_of(&bff).await, CredentialStatus::Ready);
+}
+
+#[tokio::test]
+async fn a_failed_renewal_is_not_retried_by_every_request_in_the_skew_window() {
+    let w = World::new(FakeLibreChatOptions {
+        access_token_lifetime: Duration::from_secs(60),
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    // Skew beyond the token's lifetime: every request is in the renewal window.
+    let bff = w
+        .bff(&[("BFF__LIBRECHAT__TOKEN_REFRESH_SKEW_SECS", "120".to_string())])
+        .await;
+    w.user(&bff, 43).await;
+    let bearer = w.bearer(43);
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    w.lc.answer_with(
+        "/api/auth/refresh",
+        Some(CannedAnswer {
+            status: StatusCode::BAD_GATEWAY,
+            content_type: "text/html",
+            body: "<html><body>502 Bad Gateway</body></html>".into(),
+        }),
+    );
+    for _ in 0..10 {
+        let (status, body) = get_json(&bff, "/api/chat/convos", &bearer).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "the still-valid token serves: {body}"
+        );
+    }
+    assert_eq!(
+        w.lc.refresh_calls(),
+        1,
+        "one failed refresh, not one per request"
+    );
+
+    // After the pause the renewal is tried again, and succeeds once LibreChat does.
+    w.lc.answer_with("/api/auth/refresh", None);
+    bff.clock.advance(Duration::from_secs(6));
+    assert_eq!(
+        get_json(&bff, "/api/chat/convos", &bearer).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(w.lc.refresh_calls(), 2);
+    assert_eq!(w.lc.login_calls(), 1);
+}
+
+#[tokio::test]
+async fn the_token_cache_and_renewal_pauses_stay_bounded_after_100k_users() {
+    use librechat_bff::librechat::{
+        tokens::{PAUSE_CAPACITY, TOKEN_CACHE_CAPACITY},
+        UpstreamToken,
+    };
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    let tokens = &bff.state.tokens;
+    let token = UpstreamToken {
+        authorization: reqwest::header::HeaderValue::from_static("Bearer x"),
+        exp: i64::MAX / 2,
+        generation: 1,
+    };
+    for i in 0..100_000 {
+        let user = format!("user-{i}");
+        tokens.cache_token(&user, token.clone());
+        tokens.renewal_refused(&user, &token);
+    }
+    let held = tokens.memory_entries();
+    assert!(
+        held.cached_tokens <= TOKEN_CACHE_CAPACITY,
+        "{held:?}: more tokens than the cap"
+    );
+    assert!(
+        held.renewal_pauses <= PAUSE_CAPACITY,
+        "{held:?}: more pauses than the cap"
     );
 }

@@ -31,6 +31,8 @@ fn defaults_load_and_are_zero_config() {
     assert_eq!(cfg.server.listen, "127.0.0.1:8080");
     assert_eq!(cfg.session.store, SessionStoreKind::Memory);
     assert_eq!(cfg.cookie_name(), "__Host-bff");
+    assert_eq!(cfg.identity.jwt.jwks_max_age_secs, 600);
+    assert_eq!(cfg.session.memory_cleanup_interval_secs, 60);
 }
 
 #[test]
@@ -104,6 +106,18 @@ fn bad_values_name_the_key_and_the_reason() {
             "session.idle_timeout_secs",
         ),
         (&[("BFF__REDIS__URL", "http://localhost")], "redis.url"),
+        (
+            &[("BFF__IDENTITY__JWT__JWKS_MAX_AGE_SECS", "0")],
+            "identity.jwt.jwks_max_age_secs",
+        ),
+        (
+            &[("BFF__SESSION__MEMORY_CLEANUP_INTERVAL_SECS", "0")],
+            "session.memory_cleanup_interval_secs",
+        ),
+        (
+            &[("BFF__CSRF__HEADER_NAME", "X Requested By")],
+            "csrf.header_name",
+        ),
         (
             &[("BFF__REDIS__URL", "rediss://cache.example.com:6380")],
             "redis.url",

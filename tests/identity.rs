@@ -2,16 +2,26 @@
 
 mod support;
 
-use std::time::Duration;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use librechat_bff::{
+    clock::ManualClock,
     config::Config,
+    error::ApiError,
     identity::{verifier::VerifyError, IdentityVerifier},
 };
-use serde_json::json;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
 use support::{
-    bff::config,
+    bff::{config, TestBff},
     fake_idp::{FakeIdp, FakeIdpOptions, IdpSigning},
+    wait::eventually,
 };
 
 fn now() -> i64 {
@@ -282,6 +292,265 @@ async fn jwks_unreachable_is_a_distinct_error() {
     let token = idp.mint_access(42, Duration::from_secs(300));
     assert!(matches!(
         v.verify(&token).await,
-        Err(VerifyError::KeysUnavailable(_))
+        Err(VerifyError::KeysUnavailable { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// JWKS failure semantics: a key source that cannot be read is 503 (retry), never 401 (which a
+// mobile app takes as "signed out"); cached keys are trusted for at most jwks_max_age_secs.
+// ---------------------------------------------------------------------------------------------
+
+/// The test RSA keys (`tests/fixtures/keys/`): private PEM and public JWK.
+const KEYS: [(&str, &str); 2] = [
+    (
+        include_str!("fixtures/keys/idp-rsa-1.pem"),
+        include_str!("fixtures/keys/idp-rsa-1.jwk.json"),
+    ),
+    (
+        include_str!("fixtures/keys/idp-rsa-2.pem"),
+        include_str!("fixtures/keys/idp-rsa-2.jwk.json"),
+    ),
+];
+
+fn kid(key: usize) -> String {
+    format!("test-key-{key}")
+}
+
+/// A JWKS endpoint whose contents the test sets: some of [`KEYS`], or failing (503).
+struct JwksServer {
+    url: String,
+    shared: Arc<JwksShared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct JwksShared {
+    /// `None`: the endpoint answers 503.
+    listed: Mutex<Option<Vec<usize>>>,
+    calls: AtomicUsize,
+}
+
+impl JwksServer {
+    async fn start(listed: Option<Vec<usize>>) -> JwksServer {
+        let shared = Arc::new(JwksShared {
+            listed: Mutex::new(listed),
+            calls: AtomicUsize::new(0),
+        });
+        let app = axum::Router::new()
+            .route("/jwks.json", axum::routing::get(serve_jwks))
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        JwksServer {
+            url: format!("http://{addr}/jwks.json"),
+            shared,
+            task,
+        }
+    }
+
+    fn set(&self, listed: Option<Vec<usize>>) {
+        *self.shared.listed.lock().expect("lock") = listed;
+    }
+
+    fn calls(&self) -> usize {
+        self.shared.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_jwks(
+    axum::extract::State(shared): axum::extract::State<Arc<JwksShared>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    shared.calls.fetch_add(1, Ordering::SeqCst);
+    let listed = shared.listed.lock().expect("lock").clone();
+    let Some(listed) = listed else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down for maintenance").into_response();
+    };
+    let keys: Vec<Value> = listed
+        .iter()
+        .map(|&i| {
+            let jwk: Value = serde_json::from_str(KEYS[i].1).expect("jwk");
+            json!({"kty": "RSA", "kid": kid(i), "use": "sig", "alg": "RS256", "n": jwk["n"], "e": jwk["e"]})
+        })
+        .collect();
+    axum::Json(json!({ "keys": keys })).into_response()
+}
+
+/// An access token for `user_id` signed with test key `key` (its `kid` in the header).
+fn mint(key: usize, user_id: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(kid(key));
+    let claims = json!({"user_id": user_id, "token_type": "access", "exp": now() + 3600});
+    let signing =
+        jsonwebtoken::EncodingKey::from_rsa_pem(KEYS[key].0.as_bytes()).expect("test key");
+    jsonwebtoken::encode(&header, &claims, &signing).expect("sign")
+}
+
+fn jwks_env(url: &str, min_refetch: u64, max_age: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("BFF__IDENTITY__JWT__ALGORITHMS", "RS256".into()),
+        ("BFF__IDENTITY__JWT__JWKS_URL", url.to_owned()),
+        (
+            "BFF__IDENTITY__JWT__JWKS_MIN_REFETCH_SECS",
+            min_refetch.to_string(),
+        ),
+        ("BFF__IDENTITY__JWT__JWKS_MAX_AGE_SECS", max_age.to_string()),
+    ]
+}
+
+fn clocked_verifier(cfg: &Config, clock: &ManualClock) -> IdentityVerifier {
+    IdentityVerifier::with_clock(
+        &cfg.identity.jwt,
+        &cfg.identity.claims,
+        reqwest::Client::new(),
+        Arc::new(clock.clone()),
+    )
+    .expect("verifier")
+}
+
+async fn me(bff: &TestBff, bearer: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let res = reqwest::Client::new()
+        .get(format!("{}/auth/me", bff.base_url))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .expect("request reaches the BFF");
+    let status = res.status();
+    let headers = res.headers().clone();
+    (status, headers, res.json().await.unwrap_or(Value::Null))
+}
+
+fn retry_after(headers: &reqwest::header::HeaderMap) -> u64 {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .expect("a Retry-After in seconds")
+}
+
+#[tokio::test]
+async fn jwks_down_at_start_is_503_with_retry_after_not_401_then_recovers() {
+    let jwks = JwksServer::start(None).await;
+    let bff = TestBff::start(config(&jwks_env(&jwks.url, 30, 600))).await;
+    let token = mint(0, "42");
+
+    let (status, headers, body) = me(&bff, &token).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "identity_keys_unavailable");
+    let wait = retry_after(&headers);
+    assert!((1..=30).contains(&wait), "Retry-After {wait}");
+    assert_eq!(jwks.calls(), 1);
+
+    // Within jwks_min_refetch_secs the source is not asked again, and the answer stays 503.
+    let (status, _, body) = me(&bff, &token).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "identity_keys_unavailable");
+    assert_eq!(jwks.calls(), 1, "a failing JWKS is not hammered");
+
+    // The identity service is back; once the retry interval has passed, the same token works.
+    jwks.set(Some(vec![0]));
+    bff.clock.advance(Duration::from_secs(31));
+    let (status, _, body) = me(&bff, &token).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["user"]["id"], "42");
+    assert_eq!(jwks.calls(), 2);
+}
+
+#[tokio::test]
+async fn jwks_down_between_calls_keeps_cached_keys_and_a_new_kid_is_503() {
+    let jwks = JwksServer::start(Some(vec![0])).await;
+    let clock = ManualClock::default();
+    let v = clocked_verifier(&config(&jwks_env(&jwks.url, 30, 600)), &clock);
+    let known = mint(0, "42");
+    v.verify(&known).await.expect("key 0 is listed");
+    assert_eq!(jwks.calls(), 1);
+
+    jwks.set(None);
+    // Past half the max age a read refreshes in the background; that refresh fails, and the
+    // cached key goes on working meanwhile.
+    clock.advance(Duration::from_secs(301));
+    v.verify(&known).await.expect("cached key still trusted");
+    eventually(10, "the background refresh attempt", || async {
+        (jwks.calls() == 2).then_some(())
+    })
+    .await;
+    v.verify(&known).await.expect("cached key still trusted");
+
+    // A kid the cache does not know cannot be checked: "retry later", not "bad token".
+    let rotated = mint(1, "42");
+    let err = v.verify(&rotated).await.expect_err("unverifiable");
+    let VerifyError::KeysUnavailable {
+        retry_after_secs, ..
+    } = &err
+    else {
+        panic!("expected KeysUnavailable, got {err:?}");
+    };
+    assert!((1..=30).contains(retry_after_secs), "{retry_after_secs}");
+    assert_eq!(
+        ApiError::from(err).status(),
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(jwks.calls(), 2, "the failed refresh was moments ago");
+
+    // Past the max age the cached key is no longer trusted either; still 503, never 401.
+    clock.advance(Duration::from_secs(300));
+    let err = v.verify(&known).await.expect_err("keys aged out");
+    assert!(
+        matches!(err, VerifyError::KeysUnavailable { .. }),
+        "{err:?}"
+    );
+    assert_eq!(jwks.calls(), 3);
+
+    // Back up: both keys verify again.
+    jwks.set(Some(vec![0, 1]));
+    clock.advance(Duration::from_secs(31));
+    v.verify(&known).await.expect("recovered");
+    v.verify(&rotated).await.expect("recovered, new kid");
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_stops_verifying_within_the_max_age() {
+    let jwks = JwksServer::start(Some(vec![0, 1])).await;
+    let clock = ManualClock::default();
+    let cfg = config(&jwks_env(&jwks.url, 30, 600));
+    let removed = mint(0, "42");
+    let kept = mint(1, "43");
+
+    // Read after half the max age: the refresh happens in the background.
+    let v = clocked_verifier(&cfg, &clock);
+    v.verify(&removed).await.expect("listed");
+    jwks.set(Some(vec![1]));
+    clock.advance(Duration::from_secs(301));
+    v.verify(&removed)
+        .await
+        .expect("still trusted: younger than the max age");
+    eventually(10, "the removed key to stop verifying", || async {
+        matches!(v.verify(&removed).await, Err(VerifyError::UnknownKey)).then_some(())
+    })
+    .await;
+    assert_eq!(v.verify(&kept).await.expect("kept").user_id, "43");
+    assert_eq!(jwks.calls(), 2);
+
+    // No read in between: at the max age the keys are refetched before any is trusted.
+    jwks.set(Some(vec![0, 1]));
+    let clock = ManualClock::default();
+    let v = clocked_verifier(&cfg, &clock);
+    v.verify(&removed).await.expect("listed");
+    jwks.set(Some(vec![1]));
+    clock.advance(Duration::from_secs(600));
+    assert!(matches!(
+        v.verify(&removed).await,
+        Err(VerifyError::UnknownKey)
+    ));
+    assert_eq!(v.verify(&kept).await.expect("kept").user_id, "43");
 }

@@ -1,5 +1,6 @@
 //! Operations: metrics after an end-to-end run, graceful shutdown of the real binary under
-//! SIGTERM with an open stream, and `doctor`.
+//! SIGTERM with an open stream, `doctor`, Redis unreachable at start, `Retry-After` of a delayed
+//! provisioning job, a custom CSRF header name, and bounded in-memory state.
 
 mod support;
 
@@ -525,4 +526,332 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
         .expect("join")
         .expect("a response");
     assert_eq!(reply.status, 200);
+}
+
+/// A listener that accepts connections and never answers: a Redis that is "there" but hangs,
+/// so every connect attempt runs into its timeout. Dropping the task closes it and them.
+fn black_hole(listener: tokio::net::TcpListener) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    })
+}
+
+async fn me_with_cookie(base: &str, cookie: &str) -> (StatusCode, Value) {
+    let res = http()
+        .get(format!("{base}/auth/me"))
+        .header(header::COOKIE, cookie)
+        .send()
+        .await
+        .expect("request reaches the BFF");
+    let status = res.status();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn redis_unreachable_at_start_fails_fast_then_recovers_without_restart() {
+    use librechat_bff::redis_conn::CONNECT_TIMEOUT;
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    // The BFF's own Redis: started to own a port, stopped; meanwhile a black hole holds the port.
+    let mut redis = support::redis::RedisServer::start_with_aof().await;
+    redis.stop().await;
+    let hole = black_hole(
+        tokio::net::TcpListener::bind(("127.0.0.1", redis.port()))
+            .await
+            .expect("bind the black hole on the stopped Redis's port"),
+    );
+    let bff = w
+        .bff(&[
+            ("BFF__REDIS__URL", redis.url()),
+            ("BFF__REDIS__KEY_PREFIX", redis.key_prefix()),
+        ])
+        .await;
+
+    let started = tokio::time::Instant::now();
+    let res = http()
+        .get(format!("{}/healthz", bff.base_url))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(started.elapsed() < Duration::from_millis(500), "at once");
+
+    // Requests that need Redis answer 503 at once, all of them, while a connect attempt hangs.
+    let cookie = format!("__Host-bff={}", tower_sessions::session::Id::default());
+    let started = tokio::time::Instant::now();
+    let replies =
+        futures_util::future::join_all((0..8).map(|_| me_with_cookie(&bff.base_url, &cookie)))
+            .await;
+    let took = started.elapsed();
+    for (status, body) in &replies {
+        assert_eq!(*status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["error"], "session_store_unavailable");
+    }
+    assert!(
+        took < CONNECT_TIMEOUT / 2,
+        "8 requests answered in {took:?}, well under the {CONNECT_TIMEOUT:?} connect timeout"
+    );
+    let res = http()
+        .get(format!("{}/readyz", bff.base_url))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    // Redis comes up on that port: the same process recovers by itself.
+    hole.abort();
+    let _ = hole.await;
+    redis.restart().await;
+    eventually(20, "the BFF to reach Redis", || async {
+        let r = http()
+            .get(format!("{}/readyz", bff.base_url))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    let (status, body) = me_with_cookie(&bff.base_url, &cookie).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "an unknown session: {body}"
+    );
+    w.user(&bff, 360).await;
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("user360", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let me = browser.get("/auth/me").await;
+    assert_eq!(me.status, StatusCode::OK);
+    assert_eq!(me.body["user"]["id"], "360");
+}
+
+async fn chat_status(bff_base: &str, bearer: &str) -> (StatusCode, Option<u64>, Value) {
+    let res = http()
+        .get(format!("{bff_base}/api/chat/convos"))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .expect("request reaches the BFF");
+    let status = res.status();
+    let retry_after = res
+        .headers()
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok()?.parse().ok());
+    (status, retry_after, res.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_delayed_provisioning_job_answers_retry_after_its_next_run() {
+    // LibreChat allows one registration per 10 minutes from the worker's address: the BFF's
+    // service account takes it, so the user's registration is refused with LibreChat's delay.
+    let w = World::new(FakeLibreChatOptions {
+        register_max: 1,
+        register_window: Duration::from_secs(600),
+        ..FakeLibreChatOptions::default()
+    })
+    .await;
+    let bff = w.bff(&[]).await;
+    w.idp.add_user(support::fake_idp::FakeUser {
+        id: 340,
+        username: "user340".into(),
+        email: "user340@example.com".into(),
+        password: ID_PASSWORD.into(),
+        name: "User 340".into(),
+        groups: vec![],
+        is_active: true,
+    });
+    let bearer = w.bearer(340);
+
+    // No account yet: the job is queued just in time and runs within seconds.
+    let (status, retry_after, body) = chat_status(&bff.base_url, &bearer).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "provisioning_pending");
+    assert_eq!(
+        retry_after,
+        Some(librechat_bff::error::PROVISIONING_RETRY_SECS)
+    );
+
+    let (tx, rx) = watch::channel(false);
+    let worker = bff.state.provisioner.spawn_worker(rx);
+    let queue = bff.state.provisioner.queue.clone();
+    let job = eventually(
+        20,
+        "the user's job to wait for LibreChat's limiter",
+        || async {
+            let id = queue.active_job_of("340").await.ok()??;
+            let job = queue.job(&id).await.ok()??;
+            (job.state == provisioning::JobState::Delayed).then_some(job)
+        },
+    )
+    .await;
+    let _ = tx.send(true);
+    let _ = worker.await;
+    let wait = job.next_run_at.expect("a delayed job has a next run") - provisioning::queue::now();
+    assert!(
+        wait > 500,
+        "LibreChat's ~600 s delay, not a backoff: {wait}"
+    );
+
+    let (status, retry_after, body) = chat_status(&bff.base_url, &bearer).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"], "provisioning_pending");
+    let retry_after = retry_after.expect("Retry-After") as i64;
+    assert!(
+        (wait - 1..=wait + 2).contains(&retry_after),
+        "Retry-After {retry_after} s, the job runs in {wait} s"
+    );
+}
+
+#[tokio::test]
+async fn a_custom_csrf_header_name_is_allowed_by_cors_required_and_never_forwarded() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let origin = "https://app.example.com";
+    let bff = w
+        .bff(&[
+            ("BFF__CSRF__HEADER_NAME", "X-Requested-By".into()),
+            ("BFF__CSRF__ALLOWED_ORIGINS", origin.into()),
+        ])
+        .await;
+    w.user(&bff, 350).await;
+    let mut browser = bff.client();
+    browser.csrf = false; // it would send X-CSRF
+    browser.origin = Some(origin.into());
+    assert_eq!(
+        browser.login("user350", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let cookie = browser.cookie.clone().expect("a session cookie");
+    let path = format!("{}/api/chat/agents/chat/FakeAI", bff.base_url);
+
+    // The browser's preflight for a credentialed POST with that header is allowed.
+    let res = http()
+        .request(reqwest::Method::OPTIONS, &path)
+        .header(header::ORIGIN, origin)
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "content-type,x-requested-by",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(res.status().is_success(), "{}", res.status());
+    let allowed = res
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(
+        allowed.split(',').any(|h| h.trim() == "x-requested-by"),
+        "allowed headers: {allowed}"
+    );
+    assert_eq!(
+        res.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some(origin)
+    );
+
+    let post = |csrf_header: &'static str| {
+        http()
+            .post(&path)
+            .header(header::COOKIE, &cookie)
+            .header(header::ORIGIN, origin)
+            .header(csrf_header, "1")
+            .json(&chat_body("hi"))
+            .send()
+    };
+    let res = post("X-Requested-By").await.expect("post");
+    assert_eq!(res.status(), StatusCode::OK);
+    let started: Value = res.json().await.expect("json");
+    assert!(started["streamId"].is_string(), "{started}");
+    let forwarded: Vec<_> =
+        w.lc.requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/api/agents/chat"))
+            .collect();
+    assert!(!forwarded.is_empty(), "the POST reached LibreChat");
+    for r in &forwarded {
+        assert!(
+            !r.headers.contains_key("x-requested-by"),
+            "LibreChat received the CSRF header: {:?}",
+            r.headers
+        );
+    }
+
+    // The configured name is the one that counts.
+    let res = post("X-CSRF").await.expect("post");
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let body: Value = res.json().await.expect("json");
+    assert_eq!(body["error"], "csrf_rejected");
+}
+
+#[tokio::test]
+async fn abandoned_memory_sessions_and_ensure_checks_stay_bounded() {
+    use librechat_bff::{provision::ENSURE_RECENT_CAPACITY, session::BffSessionStore};
+    use tower_sessions::{
+        session::{Id, Record},
+        SessionStore,
+    };
+    // Memory sessions (the zero-config default), expired ones deleted every second.
+    let bff = support::bff::TestBff::start(support::bff::config(&[(
+        "BFF__SESSION__MEMORY_CLEANUP_INTERVAL_SECS",
+        "1".into(),
+    )]))
+    .await;
+    let BffSessionStore::Memory(store) = bff.state.sessions.store() else {
+        panic!("the default store is memory");
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut live = Record {
+        id: Id::default(),
+        data: Default::default(),
+        expiry_date: now + time::Duration::hours(1),
+    };
+    store.create(&mut live).await.expect("create");
+    // 100,000 sessions opened and abandoned: each has expired by the time the next arrives.
+    for _ in 0..100_000 {
+        let mut record = Record {
+            id: Id::default(),
+            data: Default::default(),
+            expiry_date: now - time::Duration::seconds(1),
+        };
+        store.create(&mut record).await.expect("create");
+    }
+    assert!(
+        store.len() < 5_000,
+        "expired sessions are swept as new ones arrive: {} held",
+        store.len()
+    );
+    eventually(10, "the periodic cleanup to delete the rest", || async {
+        (store.len() == 1).then_some(())
+    })
+    .await;
+    assert!(
+        store.load(&live.id).await.expect("load").is_some(),
+        "the live session stays"
+    );
+
+    // The just-in-time provisioning throttle remembers a bounded number of users.
+    let provisioner = &bff.state.provisioner;
+    for i in 0..100_000 {
+        assert!(provisioner.ensure_due(&format!("user-{i}")), "first sight");
+    }
+    let held = provisioner.ensure_recent_len();
+    assert!(
+        held <= ENSURE_RECENT_CAPACITY,
+        "{held} users remembered, capacity {ENSURE_RECENT_CAPACITY}"
+    );
+    assert!(held > 0);
+    assert!(provisioner.ensure_due("hammering"));
+    assert!(
+        !provisioner.ensure_due("hammering"),
+        "still throttles once full"
+    );
 }

@@ -175,10 +175,14 @@ async fn an_operator_registers_a_user_who_then_simply_works() {
 async fn a_worker_killed_after_registering_is_reclaimed_and_finishes_once() {
     let w = World::new(FakeLibreChatOptions::default()).await;
     let bff = w
-        .bff(&settings(&[(
-            "BFF__PROVISIONING__VISIBILITY_TIMEOUT_SECS",
-            "1".to_string(),
-        )]))
+        .bff(&settings(&[
+            (
+                "BFF__PROVISIONING__VISIBILITY_TIMEOUT_SECS",
+                "1".to_string(),
+            ),
+            // A busy worker does not reclaim: the job's lapsed lease goes to another worker.
+            ("BFF__PROVISIONING__CONCURRENCY", "1".to_string()),
+        ]))
         .await;
     add_identity_user(&w, 202, "bob@example.com", vec![]);
     let queue = &bff.state.provisioner.queue;
@@ -210,14 +214,50 @@ async fn a_worker_killed_after_registering_is_reclaimed_and_finishes_once() {
     );
     bff.state.vault.put(&record).await.expect("vault");
     w.lc.create_user("bob@example.com", password, "bob");
+    assert_eq!(w.lc.register_calls(), 0);
 
-    let workers = Workers::start(&bff, 1);
+    // A slow LibreChat makes the rescuing run (service account, register, login) outlast the
+    // 1 s lease several times, and two idle workers are reclaiming meanwhile: only the lease
+    // renewal keeps them from running the job a second time.
+    w.lc.set_latency(Duration::from_millis(800));
+    let workers = Workers::start(&bff, 3);
     wait_state(&bff, "202", "ready").await;
+    let job_id = taken[0].job.id.clone();
+    let job = eventually(20, "the job to finish", || async {
+        let j = queue.job(&job_id).await.ok().flatten()?;
+        (!j.state.is_active()).then_some(j)
+    })
+    .await;
     workers.stop().await;
+    w.lc.set_latency(Duration::ZERO);
+    // The service account's registration, then bob's, once: a second run would register again
+    // (LibreChat answers 200 for an existing email, so the account count cannot tell).
+    assert_eq!(
+        w.lc.register_calls(),
+        2,
+        "the reclaimed job registered more (or less) than once"
+    );
     assert_eq!(
         w.lc.user_count(),
         2,
         "exactly one LibreChat account besides the service account"
+    );
+    // One uninterrupted run: a concurrent second one would have recorded its own outcome (the
+    // service account's lock makes it wait and retry) and left it in the job.
+    assert_eq!(job.state, JobState::Done);
+    assert_eq!(
+        (job.attempts, job.last_error.as_deref()),
+        (0, None),
+        "the job was run again"
+    );
+    // The doomed worker, coming back, cannot change the finished job.
+    assert!(matches!(
+        queue.complete(&taken[0]).await,
+        Err(provisioning::QueueError::NotOwner { .. })
+    ));
+    assert_eq!(
+        queue.job(&job_id).await.expect("job").map(|j| j.state),
+        Some(JobState::Done)
     );
     let (status, _) = get_json(&bff, "/api/chat/convos", &w.bearer(202)).await;
     assert_eq!(status, StatusCode::OK, "the vault's password logs in");
@@ -625,7 +665,8 @@ async fn a_user_without_an_account_is_provisioned_just_in_time() {
         .await
         .expect("send");
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(res.headers()[header::RETRY_AFTER], "5");
+    // A job just queued: retry soon (a delayed job answers its real next run).
+    assert_eq!(res.headers()[header::RETRY_AFTER], "2");
     let body: Value = res.json().await.expect("json");
     assert_eq!(body["error"], "provisioning_pending");
     assert!(bff

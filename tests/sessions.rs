@@ -2,17 +2,18 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use librechat_bff::{config::Config, credentials::KeyRing};
 use reqwest::{header, Method, StatusCode};
 use serde_json::json;
 use support::{
-    bff::{config, TestBff},
-    fake_idp::{FakeIdp, FakeIdpOptions, FakeUser},
+    bff::{config, read_response, TestBff},
+    fake_idp::{FakeIdp, FakeIdpOptions, FakeUser, Outage},
     redis::RedisServer,
 };
+use tokio::io::AsyncWriteExt;
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -146,7 +147,7 @@ async fn login_with_bad_input_names_the_problem() {
 }
 
 #[tokio::test]
-async fn identity_service_down_is_502_without_detail() {
+async fn identity_service_down_is_503_with_retry_after_without_detail() {
     let idp = idp_with_alice(Duration::from_secs(300)).await;
     let cfg = settings(
         &idp,
@@ -155,8 +156,54 @@ async fn identity_service_down_is_502_without_detail() {
     );
     let bff = TestBff::start(cfg).await;
     let res = bff.client().login("alice", PASSWORD).await;
-    assert_eq!(res.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.body["error"], "identity_unavailable");
+    assert_eq!(retry_after(&res.headers), Some(5));
+    assert!(
+        !res.body.to_string().contains("127.0.0.1"),
+        "no upstream detail: {}",
+        res.body
+    );
+}
+
+fn retry_after(headers: &header::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test]
+async fn login_while_the_identity_service_throttles_or_fails_is_503_not_401() {
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(&idp, None, &[])).await;
+    let mut browser = bff.client();
+
+    idp.set_outage(Some(Outage::Throttled {
+        retry_after_secs: 30,
+    }));
+    let res = browser.login("alice", PASSWORD).await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{}", res.body);
+    assert_eq!(res.body["error"], "identity_unavailable");
+    assert_eq!(
+        retry_after(&res.headers),
+        Some(30),
+        "the identity service's delay"
+    );
+    assert!(browser.cookie.is_none());
+
+    idp.set_outage(Some(Outage::ServerError(StatusCode::BAD_GATEWAY)));
+    let res = browser.login("alice", PASSWORD).await;
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE, "{}", res.body);
+    assert_eq!(res.body["error"], "identity_unavailable");
+    assert_eq!(retry_after(&res.headers), Some(5));
+    assert_eq!(idp.token_calls(), 2);
+
+    idp.set_outage(None);
+    let res = browser.login("alice", PASSWORD).await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
 }
 
 #[tokio::test]
@@ -368,6 +415,167 @@ async fn refused_refresh_ends_the_session() {
         left.is_empty(),
         "tokens of the ended session remain: {left:?}"
     );
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_refresh_loses_neither_the_session_nor_30_seconds() {
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(
+        &idp,
+        Some((&redis, &key)),
+        &[("BFF__IDENTITY__REFRESH_SKEW_SECS", "60".into())],
+    ))
+    .await;
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
+    bff.clock.advance(Duration::from_secs(250));
+
+    // The identity service rotates and blacklists the refresh token on arrival, then holds its
+    // answer; meanwhile the client goes away (a phone backgrounding mid-request).
+    let gate = idp.hold_next_refresh();
+    let addr = bff.base_url.trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let cookie = browser.cookie.clone().expect("cookie");
+    let request = format!("GET /auth/me HTTP/1.1\r\nHost: {addr}\r\nCookie: {cookie}\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.expect("write");
+    gate.reached().await;
+    conn.shutdown().await.expect("half-close");
+    // The BFF notices, drops the request and closes the connection without an answer.
+    let reply = tokio::time::timeout(Duration::from_secs(10), read_response(&mut conn))
+        .await
+        .expect("the BFF closes the abandoned connection");
+    assert!(
+        reply.is_none(),
+        "no answer for a client that left: {reply:?}"
+    );
+    drop(conn);
+    gate.release();
+    assert_eq!(idp.refresh_calls(), 1);
+
+    // The next request works at once: the rotated token was stored and the lock released.
+    let started = Instant::now();
+    let me = tokio::time::timeout(Duration::from_secs(20), browser.get("/auth/me"))
+        .await
+        .expect("the next request does not stall on a leaked lock");
+    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}: waited for a leaked lock",
+        started.elapsed()
+    );
+    assert_eq!(idp.refresh_calls(), 1, "the stored result was adopted");
+
+    // And the stored refresh token is the rotated one: the next refresh succeeds.
+    let me = browser.get("/auth/me").await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    assert_eq!(idp.refresh_calls(), 2);
+}
+
+#[tokio::test]
+async fn identity_throttling_or_outage_during_refresh_keeps_the_session() {
+    let redis = RedisServer::start().await;
+    let key = KeyRing::generate_key();
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(
+        &idp,
+        Some((&redis, &key)),
+        &[("BFF__IDENTITY__REFRESH_SKEW_SECS", "60".into())],
+    ))
+    .await;
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("alice", PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let cookie = browser.cookie.clone();
+    // Past the access token's expiry: only a refresh can keep the session going.
+    bff.clock.advance(Duration::from_secs(310));
+
+    idp.set_outage(Some(Outage::Throttled {
+        retry_after_secs: 7,
+    }));
+    let me = browser.get("/auth/me").await;
+    assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE, "{}", me.body);
+    assert_eq!(me.body["error"], "identity_unavailable");
+    assert_eq!(retry_after(&me.headers), Some(7));
+    assert_eq!(browser.cookie, cookie, "the cookie is kept");
+    assert_eq!(idp.refresh_calls(), 1);
+    // The identity service's delay is honoured: no second call before it ends.
+    let me = browser.get("/auth/me").await;
+    assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE, "{}", me.body);
+    assert!(retry_after(&me.headers).is_some_and(|s| (1..=7).contains(&s)));
+    assert_eq!(idp.refresh_calls(), 1, "not asked again within Retry-After");
+
+    bff.clock.advance(Duration::from_secs(8));
+    idp.set_outage(Some(Outage::ServerError(StatusCode::SERVICE_UNAVAILABLE)));
+    let me = browser.get("/auth/me").await;
+    assert_eq!(me.status, StatusCode::SERVICE_UNAVAILABLE, "{}", me.body);
+    assert_eq!(me.body["error"], "identity_unavailable");
+    assert_eq!(retry_after(&me.headers), Some(5));
+    assert_eq!(idp.refresh_calls(), 2);
+    assert_eq!(
+        bff.state.sessions.list("42").await.expect("list").len(),
+        1,
+        "the session is still there"
+    );
+
+    // The identity service recovers: the same cookie works, with the same refresh token.
+    bff.clock.advance(Duration::from_secs(6));
+    idp.set_outage(None);
+    let me = browser.get("/auth/me").await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    assert_eq!(me.body["user"]["id"], "42");
+    assert_eq!(browser.cookie, cookie);
+    assert_eq!(idp.refresh_calls(), 3);
+}
+
+#[tokio::test]
+async fn the_memory_registry_is_bounded_in_time_and_size() {
+    use librechat_bff::session::registry::{IdentityTokenSet, MEMORY_SESSION_CAPACITY};
+    let idp = idp_with_alice(Duration::from_secs(300)).await;
+    let bff = TestBff::start(settings(&idp, None, &[])).await;
+    let registry = &bff.state.sessions;
+    let tokens = IdentityTokenSet {
+        access: "a".into(),
+        refresh: None,
+        access_exp: 0,
+        generation: 0,
+    };
+    let now = time::OffsetDateTime::now_utc();
+    // A session whose end has passed is gone, tokens and index entry alike.
+    registry
+        .register(
+            "ended",
+            "sid-ended",
+            &tokens,
+            now - time::Duration::seconds(1),
+        )
+        .await
+        .expect("register");
+    assert!(registry.tokens("sid-ended").await.expect("read").is_none());
+    assert!(registry.list("ended").await.expect("list").is_empty());
+
+    let until = now + time::Duration::hours(1);
+    let n = MEMORY_SESSION_CAPACITY + 20_000;
+    for i in 0..n {
+        registry
+            .register(&format!("user-{i}"), &format!("sid-{i}"), &tokens, until)
+            .await
+            .expect("register");
+    }
+    let held = registry.memory_entries().expect("memory backend");
+    assert!(
+        held.sessions <= MEMORY_SESSION_CAPACITY && held.users <= MEMORY_SESSION_CAPACITY,
+        "{held:?} after {n} sessions"
+    );
+    assert!(held.sessions > 0);
 }
 
 #[tokio::test]

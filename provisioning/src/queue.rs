@@ -9,6 +9,13 @@
 //! - `{P}:job:{id}` — the job document (JSON); `{P}:user:{user id}` — the user's active job
 //!   (one pending job per user: the idempotency key); `{P}:done` — recent completions (trimmed).
 //!
+//! Leases: a worker renews its claim on a delivery while the job runs ([`JobQueue::renew`]), so a
+//! job outliving the visibility timeout is not handed to a second worker, and every state change
+//! of a delivery (complete, retry, bury) is fenced by owner: it acts only while the group's
+//! pending list says the caller's consumer holds the entry, so a worker that lost its delivery
+//! cannot resurrect or overwrite the job. Consumers without pending entries are deleted when
+//! their worker stops or once idle for [`JobQueue::consumer_expiry`].
+//!
 //! `P` is `{<prefix>:prov}`: one hash tag, so every multi-key script stays in one Redis Cluster
 //! slot. Acked entries are deleted from the stream and finished jobs expire: nothing grows
 //! without bound. Durability across a Redis restart is Redis's: run it with `appendonly yes`.
@@ -29,6 +36,9 @@ pub const GROUP: &str = "workers";
 /// How long a blocking read may overrun its `block` before the reader connection is deemed dead.
 const READ_GRACE: Duration = Duration::from_secs(5);
 
+/// A consumer without pending entries is deleted once idle this many visibility timeouts.
+const CONSUMER_EXPIRY_FACTOR: u32 = 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("redis: {0}")]
@@ -37,6 +47,14 @@ pub enum QueueError {
     Corrupt(String),
     #[error("no job {0}")]
     NotFound(String),
+    /// The delivery is no longer held by this consumer (its lease lapsed and another worker
+    /// took it over, or it was finished meanwhile): nothing was changed.
+    #[error("job {job}: entry {entry} is no longer held by consumer {consumer}")]
+    NotOwner {
+        job: String,
+        entry: String,
+        consumer: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,11 +131,13 @@ impl Default for QueueConfig {
     }
 }
 
-/// A job handed to a worker: the document and its stream entry.
+/// A job handed to a worker: the document, its stream entry and the consumer holding it (every
+/// outcome is recorded on behalf of that consumer, and refused once it no longer holds it).
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub job: Job,
     pub entry_id: String,
+    pub consumer: String,
 }
 
 /// Where the queue gets its Redis connections. The service passes its own handle (which follows
@@ -192,8 +212,20 @@ local function withdrawn(job_key)
 end
 "#;
 
-// KEYS: stream, job, user, done. ARGV: entry, group, json, id, keep_done, ttl_secs
+/// Whether `consumer` holds `entry` in the group's pending list: the fence of every change a
+/// delivery's holder makes.
+const OWNS: &str = r#"
+local function owns(stream, group, entry, consumer)
+  return #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) > 0
+end
+"#;
+
+// The outcome scripts answer 1 (recorded), 0 (the job was withdrawn: only acknowledged) or -1
+// (the caller no longer holds the entry: nothing changed).
+
+// KEYS: stream, job, user, done. ARGV: entry, group, json, id, keep_done, ttl_secs, consumer
 const COMPLETE: &str = r#"
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[7]) then return -1 end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 if withdrawn(KEYS[2]) then return 0 end
@@ -204,8 +236,9 @@ redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[5]) - 1)
 return 1
 "#;
 
-// KEYS: stream, job, delayed. ARGV: entry, group, json, id, due
+// KEYS: stream, job, delayed. ARGV: entry, group, json, id, due, consumer
 const DELAY: &str = r#"
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[6]) then return -1 end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 if withdrawn(KEYS[2]) then return 0 end
@@ -214,8 +247,9 @@ redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
 return 1
 "#;
 
-// KEYS: stream, job, dead, user. ARGV: entry, group, json, id, reason, at, ttl_secs
+// KEYS: stream, job, dead, user. ARGV: entry, group, json, id, reason, at, ttl_secs, consumer
 const BURY: &str = r#"
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[8]) then return -1 end
 redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
 redis.call('XDEL', KEYS[1], ARGV[1])
 if withdrawn(KEYS[2]) then return 0 end
@@ -223,6 +257,58 @@ redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[7])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', ARGV[4], 'reason', ARGV[5], 'at', ARGV[6])
 if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
 return 1
+"#;
+
+// Marks the job of a fresh delivery running, atomically (a cancel in between is never
+// overwritten); a finished or vanished job's entry is dropped instead. Returns the job (JSON) or
+// nil. KEYS: stream, job. ARGV: entry, group, consumer, now
+const DELIVER: &str = r#"
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return false end
+local raw = redis.call('GET', KEYS[2])
+local job = raw and cjson.decode(raw)
+local state = job and job['state']
+if state ~= 'pending' and state ~= 'running' and state ~= 'delayed' then
+  redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
+  redis.call('XDEL', KEYS[1], ARGV[1])
+  return false
+end
+job['state'] = 'running'
+job['updated_at'] = tonumber(ARGV[4])
+local json = cjson.encode(job)
+redis.call('SET', KEYS[2], json)
+return json
+"#;
+
+// Resets the entry's idle time, only while `consumer` holds it (a worker that lost its delivery
+// never takes it back). JUSTID: the delivery count is not incremented.
+// KEYS: stream. ARGV: entry, group, consumer
+const RENEW: &str = r#"
+if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[1], 'JUSTID')
+return 1
+"#;
+
+// Deletes the consumer if it holds no pending entries (DELCONSUMER would drop them).
+// KEYS: stream. ARGV: group, consumer
+const RELEASE_CONSUMER: &str = r#"
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"#;
+
+// Deletes consumers holding nothing that have been idle longer than ARGV[2] ms; returns their
+// names. KEYS: stream. ARGV: group, min_idle_ms
+const DELETE_IDLE_CONSUMERS: &str = r#"
+local deleted = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    table.insert(deleted, f['name'])
+  end
+end
+return deleted
 "#;
 
 // KEYS: delayed, stream, job. ARGV: id
@@ -265,9 +351,18 @@ redis.call('SET', KEYS[2], cjson.encode(job), 'EX', ARGV[4])
 return 1
 "#;
 
-/// An outcome script with the [`WITHDRAWN`] check available.
+/// An outcome script with the [`WITHDRAWN`] and [`OWNS`] checks available.
 fn outcome_script(body: &str) -> Script {
-    Script::new(&format!("{WITHDRAWN}\n{body}"))
+    Script::new(&format!("{WITHDRAWN}\n{OWNS}\n{body}"))
+}
+
+/// A script with the [`OWNS`] check available.
+fn owner_script(body: &str) -> Script {
+    Script::new(&format!("{OWNS}\n{body}"))
+}
+
+fn is_nogroup(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
 
 async fn create_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), QueueError> {
@@ -405,13 +500,6 @@ impl JobQueue {
         Ok(conn.get(self.user_key(user_id)).await?)
     }
 
-    async fn save(&self, job: &Job) -> Result<(), QueueError> {
-        let json = serde_json::to_string(job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
-        let mut conn = self.conn().await?;
-        let _: () = conn.set(self.job_key(&job.id), json).await?;
-        Ok(())
-    }
-
     /// Up to `count` new deliveries for `consumer`, waiting at most `block` for one.
     /// Needs its own connection: a blocking read would stall the shared one.
     pub async fn read(
@@ -451,7 +539,7 @@ impl JobQueue {
         for key in reply.map(|r| r.keys).unwrap_or_default() {
             for entry in key.ids {
                 let job_id: Option<String> = entry.get("job");
-                out.extend(self.deliver(entry.id, job_id).await?);
+                out.extend(self.deliver(consumer, entry.id, job_id).await?);
             }
         }
         Ok(out)
@@ -486,7 +574,7 @@ impl JobQueue {
         cursor: &str,
     ) -> Result<(Vec<Delivery>, String), QueueError> {
         let mut conn = self.conn().await?;
-        let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        let reply: redis::RedisResult<StreamAutoClaimReply> = redis::cmd("XAUTOCLAIM")
             .arg(self.stream())
             .arg(GROUP)
             .arg(consumer)
@@ -495,28 +583,36 @@ impl JobQueue {
             .arg("COUNT")
             .arg(count)
             .query_async(&mut conn)
-            .await?;
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) if is_nogroup(&e) => {
+                // The stream vanished (Redis restarted without persistence): recreate.
+                self.ensure_group().await?;
+                return Ok((Vec::new(), "0-0".to_owned()));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut out = Vec::new();
         for entry in reply.claimed {
             let job_id: Option<String> = entry.get("job");
-            tracing::info!(entry = %entry.id, job = ?job_id, "reclaimed a job from a silent worker");
-            out.extend(self.deliver(entry.id, job_id).await?);
+            tracing::info!(entry = %entry.id, job = ?job_id, %consumer, "reclaimed a job whose lease lapsed");
+            out.extend(self.deliver(consumer, entry.id, job_id).await?);
         }
         Ok((out, reply.next_stream_id))
     }
 
+    /// Turns an entry just handed to `consumer` into a delivery: the job is marked running, or
+    /// the entry dropped when its job is gone or finished.
     async fn deliver(
         &self,
+        consumer: &str,
         entry_id: String,
         job_id: Option<String>,
     ) -> Result<Option<Delivery>, QueueError> {
-        let job = match &job_id {
-            Some(id) => self.job(id).await?,
-            None => None,
-        };
-        let Some(mut job) = job.filter(|j| j.state.is_active()) else {
-            // A stale entry (job gone or finished): drop it.
-            let mut conn = self.conn().await?;
+        let mut conn = self.conn().await?;
+        let Some(id) = job_id else {
+            // Not a job entry: drop it.
             let _: () = redis::pipe()
                 .xack(self.stream(), GROUP, &[&entry_id])
                 .xdel(self.stream(), &[&entry_id])
@@ -524,10 +620,95 @@ impl JobQueue {
                 .await?;
             return Ok(None);
         };
-        job.state = JobState::Running;
-        job.updated_at = now();
-        self.save(&job).await?;
-        Ok(Some(Delivery { job, entry_id }))
+        let raw: Option<String> = owner_script(DELIVER)
+            .key(self.stream())
+            .key(self.job_key(&id))
+            .arg(&entry_id)
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(now())
+            .invoke_async(&mut conn)
+            .await?;
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let job: Job = serde_json::from_str(&raw).map_err(|_| QueueError::Corrupt(id))?;
+        Ok(Some(Delivery {
+            job,
+            entry_id,
+            consumer: consumer.to_owned(),
+        }))
+    }
+
+    /// Renews the lease on a delivery: resets its idle time so that no other worker reclaims it
+    /// while its job runs. `false`: the delivery's consumer no longer holds it (another worker
+    /// took it over, or it was finished); nothing was changed.
+    pub async fn renew(&self, d: &Delivery) -> Result<bool, QueueError> {
+        let mut conn = self.conn().await?;
+        let renewed: i64 = owner_script(RENEW)
+            .key(self.stream())
+            .arg(&d.entry_id)
+            .arg(GROUP)
+            .arg(&d.consumer)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    /// How long a consumer holding nothing may stay idle before [`JobQueue::delete_idle_consumers`]
+    /// deletes it: ten visibility timeouts.
+    pub fn consumer_expiry(&self) -> Duration {
+        self.cfg
+            .visibility_timeout
+            .saturating_mul(CONSUMER_EXPIRY_FACTOR)
+    }
+
+    /// Deletes `consumer` from the group unless it holds pending entries (a stopping worker's
+    /// own). Returns whether it was deleted.
+    pub async fn release_consumer(&self, consumer: &str) -> Result<bool, QueueError> {
+        let mut conn = self.conn().await?;
+        let released: i64 = Script::new(RELEASE_CONSUMER)
+            .key(self.stream())
+            .arg(GROUP)
+            .arg(consumer)
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(released == 1)
+    }
+
+    /// Deletes the consumers that hold no pending entries and have been idle longer than
+    /// `idle_for` (left behind by processes that did not stop cleanly). Returns their names.
+    pub async fn delete_idle_consumers(
+        &self,
+        idle_for: Duration,
+    ) -> Result<Vec<String>, QueueError> {
+        let mut conn = self.conn().await?;
+        let deleted: redis::RedisResult<Vec<String>> = Script::new(DELETE_IDLE_CONSUMERS)
+            .key(self.stream())
+            .arg(GROUP)
+            .arg(idle_for.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await;
+        match deleted {
+            Ok(names) => Ok(names),
+            Err(e) if is_nogroup(&e) => {
+                self.ensure_group().await?;
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The fence's verdict on an outcome script's answer.
+    fn fenced(d: &Delivery, answer: i64) -> Result<(), QueueError> {
+        if answer < 0 {
+            return Err(QueueError::NotOwner {
+                job: d.job.id.clone(),
+                entry: d.entry_id.clone(),
+                consumer: d.consumer.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Moves due delayed jobs back to the stream. Returns how many.
@@ -550,6 +731,8 @@ impl JobQueue {
         Ok(moved)
     }
 
+    /// Records the job done. [`QueueError::NotOwner`] (and nothing changed) when the delivery's
+    /// consumer no longer holds it.
     pub async fn complete(&self, d: &Delivery) -> Result<(), QueueError> {
         let mut job = d.job.clone();
         job.state = JobState::Done;
@@ -557,7 +740,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let _: i64 = outcome_script(COMPLETE)
+        let answer: i64 = outcome_script(COMPLETE)
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.user_key(&job.request.user_id))
@@ -568,13 +751,15 @@ impl JobQueue {
             .arg(&job.id)
             .arg(self.cfg.keep_done)
             .arg(self.cfg.keep_finished.as_secs().max(1))
+            .arg(&d.consumer)
             .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Self::fenced(d, answer)
     }
 
     /// Schedules another run after `delay`; `spend_attempt` false for waits imposed by a rate
-    /// limiter. Buries the job instead when attempts are used up.
+    /// limiter. Buries the job instead when attempts are used up. [`QueueError::NotOwner`] (and
+    /// nothing changed) when the delivery's consumer no longer holds it.
     pub async fn retry(
         &self,
         d: &Delivery,
@@ -599,7 +784,7 @@ impl JobQueue {
         job.next_run_at = Some((due_ms / 1000) as i64);
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let _: i64 = outcome_script(DELAY)
+        let answer: i64 = outcome_script(DELAY)
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.delayed())
@@ -608,8 +793,10 @@ impl JobQueue {
             .arg(json)
             .arg(&job.id)
             .arg(due_ms)
+            .arg(&d.consumer)
             .invoke_async(&mut conn)
             .await?;
+        Self::fenced(d, answer)?;
         Ok(JobState::Delayed)
     }
 
@@ -624,7 +811,8 @@ impl JobQueue {
         capped.mul_f64(jitter)
     }
 
-    /// Dead-letters the job with `reason`.
+    /// Dead-letters the job with `reason`. [`QueueError::NotOwner`] (and nothing changed) when
+    /// the delivery's consumer no longer holds it.
     pub async fn bury(&self, d: &Delivery, reason: String) -> Result<(), QueueError> {
         self.bury_job(d, d.job.clone(), reason).await
     }
@@ -636,7 +824,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let _: i64 = outcome_script(BURY)
+        let answer: i64 = outcome_script(BURY)
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.dead())
@@ -648,9 +836,13 @@ impl JobQueue {
             .arg(reason)
             .arg(now())
             .arg(self.cfg.keep_finished.as_secs().max(1))
+            .arg(&d.consumer)
             .invoke_async(&mut conn)
             .await?;
-        tracing::warn!(job = %job.id, user = %job.request.user_id, "job dead-lettered");
+        Self::fenced(d, answer)?;
+        if answer == 1 {
+            tracing::warn!(job = %job.id, user = %job.request.user_id, "job dead-lettered");
+        }
         Ok(())
     }
 

@@ -927,11 +927,13 @@ async fn completed_jobs_are_trimmed() {
 // Several workers
 // ---------------------------------------------------------------------------------------------
 
-/// Counts calls per user, and which worker made them.
+/// Counts calls per user, and which worker made them. Every tenth user's job runs longer than
+/// the lease (`long`), so only its renewal keeps another worker from running it too.
 struct Counting {
     worker: usize,
     calls: Arc<Mutex<HashMap<String, usize>>>,
     by_worker: Arc<Mutex<HashMap<usize, usize>>>,
+    long: Duration,
 }
 
 #[async_trait]
@@ -949,9 +951,13 @@ impl JobHandler for Counting {
             .expect("lock")
             .entry(self.worker)
             .or_default() += 1;
-        // Some work, so that jobs overlap and workers compete.
-        let pause = rand::random_range(0..4u64);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        // Some work, so that jobs overlap and workers compete; simulated, hence a sleep.
+        let pause = if job.request.user_id.ends_with('0') {
+            self.long
+        } else {
+            Duration::from_millis(rand::random_range(0..4u64))
+        };
+        tokio::time::sleep(pause).await;
         Outcome::Done
     }
 }
@@ -959,7 +965,16 @@ impl JobHandler for Counting {
 #[tokio::test]
 async fn several_workers_handle_each_user_exactly_once() {
     let server = RedisServer::start().await;
-    let q = queue(&server, config(&server));
+    // A short lease, outlived by every tenth job: workers reclaim all the time, and only the
+    // lease renewal keeps a long job from running twice.
+    let visibility = Duration::from_millis(300);
+    let q = queue(
+        &server,
+        QueueConfig {
+            visibility_timeout: visibility,
+            ..config(&server)
+        },
+    );
     q.sizes().await.expect("connect");
     let calls = Arc::new(Mutex::new(HashMap::new()));
     let by_worker = Arc::new(Mutex::new(HashMap::new()));
@@ -970,6 +985,7 @@ async fn several_workers_handle_each_user_exactly_once() {
                 worker: w,
                 calls: calls.clone(),
                 by_worker: by_worker.clone(),
+                long: visibility * 5 / 2,
             });
             tokio::spawn(Worker::new(q.clone(), handler, 4).run(rx.clone()))
         })
@@ -1089,4 +1105,449 @@ async fn a_cancelled_job_never_runs_again_and_its_running_worker_cannot_finish_i
     assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
     // Nothing left to cancel.
     assert_eq!(q.cancel_user("finn", "again").await.expect("cancel"), None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leases: renewal, owner fencing, consumer cleanup
+// ---------------------------------------------------------------------------------------------
+
+/// Entries delivered but not acknowledged: (entry, owner, ms since last delivered, deliveries).
+async fn pending_details(server: &RedisServer) -> Vec<(String, String, usize, usize)> {
+    let mut conn = raw(server).await;
+    let reply: StreamPendingCountReply = conn
+        .xpending_count(key(server, "jobs"), GROUP, "-", "+", 1000)
+        .await
+        .expect("XPENDING");
+    reply
+        .ids
+        .into_iter()
+        .map(|p| (p.id, p.consumer, p.last_delivered_ms, p.times_delivered))
+        .collect()
+}
+
+/// The group's consumers: (name, pending entries).
+async fn consumers(server: &RedisServer) -> Vec<(String, usize)> {
+    let mut conn = raw(server).await;
+    let reply: redis::streams::StreamInfoConsumersReply = conn
+        .xinfo_consumers(key(server, "jobs"), GROUP)
+        .await
+        .expect("XINFO CONSUMERS");
+    let mut out: Vec<(String, usize)> = reply
+        .consumers
+        .into_iter()
+        .map(|c| (c.name, c.pending))
+        .collect();
+    out.sort();
+    out
+}
+
+fn consumer_names(list: &[(String, usize)]) -> Vec<&str> {
+    list.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_job_outliving_the_visibility_timeout_keeps_its_lease_and_runs_once() {
+    let server = RedisServer::start().await;
+    let visibility = Duration::from_millis(300);
+    let q = queue(
+        &server,
+        QueueConfig {
+            visibility_timeout: visibility,
+            ..config(&server)
+        },
+    );
+    q.sizes().await.expect("connect");
+    let (gate, open) = watch::channel(false);
+    let handler = Arc::new(GatedHandler {
+        open,
+        runs: Mutex::new(HashMap::new()),
+        started: Notify::new(),
+    });
+    // Two workers, one slot each: while one holds the job, the other is idle and reclaims
+    // every 250 ms whatever has been silent for the visibility timeout.
+    let workers = Workers::start(&q, handler.clone(), 2, 1);
+    let (id, _) = q.enqueue(request("long")).await.expect("enqueue");
+    timeout(Duration::from_secs(10), handler.started.notified())
+        .await
+        .expect("the job starts");
+
+    // Hold the handler for five visibility timeouts, watching the delivery all along: it stays
+    // with its first owner, is never delivered again, and its idle time is kept below the
+    // timeout by the renewals.
+    let held_since = Instant::now();
+    let mut owner = None;
+    while held_since.elapsed() < visibility * 5 {
+        let pending = pending_details(&server).await;
+        assert_eq!(pending.len(), 1, "one delivery: {pending:?}");
+        let (_, consumer, idle_ms, deliveries) = &pending[0];
+        let first = owner.get_or_insert_with(|| consumer.clone());
+        assert_eq!(consumer, first, "the job changed hands while it ran");
+        assert_eq!(*deliveries, 1, "the job was delivered again while it ran");
+        assert!(
+            (*idle_ms as u128) < visibility.as_millis(),
+            "the lease was not renewed: idle {idle_ms} ms after {:?}",
+            held_since.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        q.job(&id).await.expect("job").map(|j| j.state),
+        Some(JobState::Running)
+    );
+
+    gate.send(true).expect("gate");
+    let job = wait_until_finished(&q, &id, Duration::from_secs(10)).await;
+    workers.stop().await;
+    assert_eq!(job.state, JobState::Done);
+    assert_eq!(
+        handler.runs.lock().expect("lock").get("long"),
+        Some(&1),
+        "the handler ran more than once"
+    );
+    assert_eq!(q.sizes().await.expect("sizes"), (0, 0, 0));
+    assert!(pending(&server).await.is_empty());
+}
+
+/// Every way a worker can record an outcome, from a stale delivery: each must be refused as
+/// not-owner, changing nothing.
+async fn assert_stale_outcomes_refused(q: &JobQueue, stale: &provisioning::Delivery) {
+    let not_owner = |what: &str, r: Result<(), QueueError>| match r {
+        Err(QueueError::NotOwner {
+            job,
+            entry,
+            consumer,
+        }) => {
+            assert_eq!(job, stale.job.id, "{what}");
+            assert_eq!(entry, stale.entry_id, "{what}");
+            assert_eq!(consumer, stale.consumer, "{what}");
+        }
+        other => panic!("{what} from a stale delivery: {other:?}"),
+    };
+    not_owner("complete", q.complete(stale).await);
+    not_owner(
+        "retry",
+        q.retry(stale, "late".into(), Some(Duration::ZERO), false)
+            .await
+            .map(|_| ()),
+    );
+    // With max_attempts 1 a spent attempt buries: the same fence.
+    not_owner(
+        "retry (last attempt)",
+        q.retry(stale, "late".into(), None, true).await.map(|_| ()),
+    );
+    not_owner("bury", q.bury(stale, "late".into()).await);
+    assert!(
+        !q.renew(stale).await.expect("renew"),
+        "a stale delivery's lease was renewed"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_worker_cannot_change_a_job_another_worker_took_over() {
+    let server = RedisServer::start().await;
+    let visibility = Duration::from_millis(300);
+    let q = queue(
+        &server,
+        QueueConfig {
+            visibility_timeout: visibility,
+            max_attempts: 1,
+            ..config(&server)
+        },
+    );
+    let (id, _) = q.enqueue(request("stale")).await.expect("enqueue");
+
+    // Worker A takes the job and stalls: it never renews its lease.
+    let mut reader = q.reader_connection().await.expect("reader");
+    let a = q
+        .read(&mut reader, "worker-a", 1, Duration::from_millis(100))
+        .await
+        .expect("read")
+        .pop()
+        .expect("delivered to A");
+    assert_eq!(a.consumer, "worker-a");
+    // Worker B takes it over once the lease has lapsed.
+    let b = eventually(Duration::from_secs(5), "B to reclaim the job", || async {
+        q.reclaim("worker-b", 10).await.expect("reclaim").pop()
+    })
+    .await;
+    assert_eq!(
+        (b.entry_id.as_str(), b.consumer.as_str()),
+        (a.entry_id.as_str(), "worker-b")
+    );
+
+    // While B runs it, A's late outcomes change nothing, and A cannot take the lease back.
+    assert_stale_outcomes_refused(&q, &a).await;
+    assert_eq!(
+        pending(&server).await,
+        vec![(b.entry_id.clone(), "worker-b".to_owned())],
+        "B still holds the job"
+    );
+    let job = q.job(&id).await.expect("job").expect("exists");
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.attempts, 0);
+    assert_eq!(
+        q.active_job_of("stale").await.expect("active"),
+        Some(id.clone())
+    );
+    assert_eq!(q.sizes().await.expect("sizes"), (1, 0, 0));
+
+    // B renews and completes.
+    assert!(q.renew(&b).await.expect("renew"), "B holds the lease");
+    q.complete(&b).await.expect("B completes");
+    let mut conn = raw(&server).await;
+    let done_doc: Option<String> = conn
+        .get(key(&server, &format!("job:{id}")))
+        .await
+        .expect("GET");
+
+    // Then A's late outcomes (and B's second one) change nothing either: no resurrection.
+    assert_stale_outcomes_refused(&q, &a).await;
+    assert!(matches!(
+        q.complete(&b).await,
+        Err(QueueError::NotOwner { .. })
+    ));
+    let after: Option<String> = conn
+        .get(key(&server, &format!("job:{id}")))
+        .await
+        .expect("GET");
+    assert_eq!(after, done_doc, "the finished job was rewritten");
+    let job = q.job(&id).await.expect("job").expect("exists");
+    assert_eq!(job.state, JobState::Done);
+    assert_eq!(
+        q.sizes().await.expect("sizes"),
+        (0, 0, 0),
+        "no delayed or dead entries"
+    );
+    assert!(pending(&server).await.is_empty());
+    assert_eq!(q.active_job_of("stale").await.expect("active"), None);
+    let done: Vec<String> = conn
+        .lrange(key(&server, "done"), 0, -1)
+        .await
+        .expect("LRANGE");
+    assert_eq!(done, vec![id.clone()], "completed once");
+}
+
+/// Waits on a gate that never opens; records when its future is dropped unfinished.
+struct Abandoned {
+    runs: AtomicUsize,
+    started: Notify,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+    open: watch::Receiver<bool>,
+}
+
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl JobHandler for Abandoned {
+    async fn handle(&self, _job: &Job) -> Outcome {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        let guard = SetOnDrop(self.dropped.clone());
+        self.started.notify_one();
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|o| *o).await;
+        std::mem::forget(guard);
+        Outcome::Done
+    }
+}
+
+#[tokio::test]
+async fn a_worker_whose_lease_was_taken_over_abandons_the_run_and_records_nothing() {
+    let server = RedisServer::start().await;
+    let visibility = Duration::from_millis(300);
+    let q = queue(
+        &server,
+        QueueConfig {
+            visibility_timeout: visibility,
+            ..config(&server)
+        },
+    );
+    let (_gate, open) = watch::channel(false);
+    let handler = Arc::new(Abandoned {
+        runs: AtomicUsize::new(0),
+        started: Notify::new(),
+        dropped: Arc::default(),
+        open,
+    });
+    let workers = Workers::start(&q, handler.clone(), 1, 1);
+    let (id, _) = q.enqueue(request("taken")).await.expect("enqueue");
+    timeout(Duration::from_secs(10), handler.started.notified())
+        .await
+        .expect("the job starts");
+    let (entry, worker) = pending(&server).await.pop().expect("delivered");
+
+    // Another worker takes the delivery over (as if this one had stalled past its lease).
+    let mut conn = raw(&server).await;
+    let _: Vec<String> = redis::cmd("XCLAIM")
+        .arg(key(&server, "jobs"))
+        .arg(GROUP)
+        .arg("thief")
+        .arg(0)
+        .arg(&entry)
+        .arg("JUSTID")
+        .query_async(&mut conn)
+        .await
+        .expect("XCLAIM");
+    let thief = provisioning::Delivery {
+        job: q.job(&id).await.expect("job").expect("exists"),
+        entry_id: entry.clone(),
+        consumer: "thief".into(),
+    };
+
+    // The worker's next renewal finds out and drops the handler (the thief keeps its own lease
+    // meanwhile, so the worker cannot simply reclaim it back).
+    eventually(
+        Duration::from_secs(5),
+        "the handler to be dropped",
+        || async {
+            assert!(q.renew(&thief).await.expect("renew"), "the thief holds it");
+            handler.dropped.load(Ordering::SeqCst).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        pending(&server).await,
+        vec![(entry.clone(), "thief".to_owned())],
+        "the worker took the job back"
+    );
+    let job = q.job(&id).await.expect("job").expect("exists");
+    assert_eq!(
+        job.state,
+        JobState::Running,
+        "the abandoned run recorded an outcome"
+    );
+    assert_eq!(q.sizes().await.expect("sizes"), (1, 0, 0));
+
+    // The new owner finishes it; the job ran once on the worker.
+    q.complete(&thief).await.expect("complete");
+    workers.stop().await;
+    assert_eq!(handler.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        q.job(&id).await.expect("job").map(|j| j.state),
+        Some(JobState::Done)
+    );
+    // The stopped worker deleted its consumer.
+    assert_eq!(
+        consumer_names(&consumers(&server).await),
+        vec!["thief"],
+        "worker {worker} left its consumer behind"
+    );
+}
+
+/// `consumer` reads a job of `user` and completes it: it exists and holds nothing.
+async fn run_one_job(q: &JobQueue, reader: &mut MultiplexedConnection, consumer: &str, user: &str) {
+    let (id, _) = q.enqueue(request(user)).await.expect("enqueue");
+    let d = q
+        .read(reader, consumer, 1, Duration::from_millis(100))
+        .await
+        .expect("read")
+        .pop()
+        .expect("delivered");
+    assert_eq!(d.job.id, id);
+    q.complete(&d).await.expect("complete");
+}
+
+#[tokio::test]
+async fn idle_consumers_are_deleted_by_maintenance_and_on_stop() {
+    let server = RedisServer::start().await;
+    let visibility = Duration::from_millis(200);
+    let q = queue(
+        &server,
+        QueueConfig {
+            visibility_timeout: visibility,
+            ..config(&server)
+        },
+    );
+    assert_eq!(q.consumer_expiry(), visibility * 10);
+    let mut reader = q.reader_connection().await.expect("reader");
+
+    // The queue alone: an idle consumer holding nothing goes, one holding an entry stays.
+    let (id, _) = q.enqueue(request("held")).await.expect("enqueue");
+    let held = q
+        .read(&mut reader, "holding", 1, Duration::from_millis(100))
+        .await
+        .expect("read")
+        .pop()
+        .expect("delivered");
+    let created = Instant::now();
+    run_one_job(&q, &mut reader, "empty", "done-by-empty").await;
+    assert_eq!(
+        consumers(&server).await,
+        vec![("empty".to_owned(), 0), ("holding".to_owned(), 1)]
+    );
+    let idle_for = Duration::from_millis(500);
+    assert!(
+        q.delete_idle_consumers(idle_for)
+            .await
+            .expect("cleanup")
+            .is_empty(),
+        "a fresh consumer was deleted"
+    );
+    let deleted = eventually(
+        Duration::from_secs(5),
+        "the idle consumer to go",
+        || async {
+            let deleted = q.delete_idle_consumers(idle_for).await.expect("cleanup");
+            Some(deleted).filter(|d| !d.is_empty())
+        },
+    )
+    .await;
+    assert!(
+        created.elapsed() >= idle_for,
+        "deleted before it was idle long enough"
+    );
+    assert_eq!(deleted, vec!["empty".to_owned()]);
+    assert_eq!(consumers(&server).await, vec![("holding".to_owned(), 1)]);
+    // Releasing a consumer that holds an entry would lose it: refused.
+    assert!(!q.release_consumer("holding").await.expect("release"));
+    assert_eq!(consumers(&server).await, vec![("holding".to_owned(), 1)]);
+    q.complete(&held).await.expect("complete");
+    assert!(q.release_consumer("holding").await.expect("release"));
+    assert!(consumers(&server).await.is_empty());
+    assert_eq!(
+        q.job(&id).await.expect("job").map(|j| j.state),
+        Some(JobState::Done)
+    );
+
+    // A worker's maintenance deletes a consumer left behind once it has been idle for
+    // `consumer_expiry`, and the worker deletes its own consumer when it stops.
+    let left_at = Instant::now();
+    run_one_job(&q, &mut reader, "left-behind", "done-by-left-behind").await;
+    assert_eq!(
+        consumers(&server).await,
+        vec![("left-behind".to_owned(), 0)]
+    );
+    let workers = Workers::start(&q, Arc::new(FnHandler(|_: &Job| Outcome::Done)), 1, 1);
+    eventually(
+        q.consumer_expiry() * 3,
+        "the left-behind consumer to be deleted",
+        || async {
+            let names = consumers(&server).await;
+            if consumer_names(&names).contains(&"left-behind") {
+                return None;
+            }
+            assert!(
+                left_at.elapsed() >= q.consumer_expiry(),
+                "deleted after {:?}, before the expiry",
+                left_at.elapsed()
+            );
+            Some(())
+        },
+    )
+    .await;
+    let (id, _) = q.enqueue(request("after")).await.expect("enqueue");
+    wait_for_state(&q, &id, JobState::Done, Duration::from_secs(10)).await;
+    let running = consumers(&server).await;
+    assert_eq!(running.len(), 1, "only the worker's own: {running:?}");
+    assert!(running[0].0.starts_with("worker-"), "{running:?}");
+    workers.stop().await;
+    assert!(
+        consumers(&server).await.is_empty(),
+        "the stopped worker left its consumer behind"
+    );
 }

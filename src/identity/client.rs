@@ -3,21 +3,35 @@
 
 use std::time::Duration;
 
+use reqwest::{header::HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 
 use crate::{client::EndUser, config::IdentityConfig};
 
 use super::verifier::VerifyError;
 
+/// How long to wait before asking again when the identity service says "later" without saying
+/// how long (a 429 or 503 without `Retry-After`).
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A `Retry-After` beyond this is clamped: a session is not frozen for longer on one answer.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityClientError {
-    /// Credentials or refresh token refused (4xx).
+    /// A definite no: the token endpoint answered 400, 401 or 403 (wrong password, refresh
+    /// token expired/blacklisted, inactive user). Only this ends a session or counts as a failed
+    /// sign-in.
     #[error("the identity service refused the credentials")]
     Rejected,
+    /// 429 (or a 503 carrying `Retry-After`): the identity service asks us to come back later.
+    #[error("the identity service is throttling; retry after {}s", retry_after.as_secs())]
+    Throttled { retry_after: Duration },
     /// The issued token did not verify.
     #[error("issued token does not verify: {0}")]
     Token(#[source] VerifyError),
-    #[error("identity service unreachable: {0}")]
+    /// Unreachable, timed out, 5xx, or an answer that is no verdict (another 4xx, e.g. a
+    /// misrouted 404 from an ingress).
+    #[error("identity service unavailable: {0}")]
     Unavailable(String),
     #[error("identity service answered unexpectedly: {0}")]
     BadResponse(String),
@@ -135,13 +149,8 @@ impl IdentityClient {
             .await
             .map_err(|e| IdentityClientError::Unavailable(e.without_url().to_string()))?;
         let status = res.status();
-        if status.is_client_error() {
-            return Err(IdentityClientError::Rejected);
-        }
         if !status.is_success() {
-            return Err(IdentityClientError::Unavailable(format!(
-                "token endpoint answered {status}"
-            )));
+            return Err(classify_failure(status, res.headers()));
         }
         match res.json::<Value>().await {
             Ok(Value::Object(obj)) => Ok(obj),
@@ -156,6 +165,31 @@ impl IdentityClient {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
+    }
+}
+
+/// A non-2xx answer of a token endpoint. SimpleJWT/DRF refuse with 400 (invalid input), 401
+/// (wrong credentials, invalid or blacklisted token) and 403; everything else says nothing about
+/// the credentials and must never end a session.
+fn classify_failure(status: StatusCode, headers: &HeaderMap) -> IdentityClientError {
+    let retry_after = headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).clamp(Duration::from_secs(1), MAX_RETRY_AFTER));
+    match status {
+        StatusCode::BAD_REQUEST | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            IdentityClientError::Rejected
+        }
+        StatusCode::TOO_MANY_REQUESTS => IdentityClientError::Throttled {
+            retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+        },
+        StatusCode::SERVICE_UNAVAILABLE if retry_after.is_some() => {
+            IdentityClientError::Throttled {
+                retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
+            }
+        }
+        _ => IdentityClientError::Unavailable(format!("token endpoint answered {status}")),
     }
 }
 

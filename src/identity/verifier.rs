@@ -2,12 +2,16 @@
 //!
 //! Only the configured algorithms are accepted and the key family is fixed by config, so neither
 //! `alg: none` nor HS/RS key confusion can pass. Keys come from a shared secret (HS*), a PEM file,
-//! or a JWKS URL that is cached and refetched on an unknown `kid` at most once per interval.
+//! or a JWKS URL (see [`JwksCache`]: cached for at most `jwks_max_age_secs`, refreshed in the
+//! background before that, refetched on an unknown `kid` at most once per
+//! `jwks_min_refetch_secs`; a key source that cannot be read is "unavailable", never "bad token").
 
 use std::{
     collections::HashMap,
-    sync::{Arc, RwLock},
-    time::{Duration, Instant},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, RwLock,
+    },
 };
 
 use jsonwebtoken::{
@@ -17,8 +21,12 @@ use jsonwebtoken::{
     Algorithm, DecodingKey, Validation,
 };
 use serde_json::{Map, Value};
+use time::OffsetDateTime;
 
-use crate::config::{ClaimsConfig, ConfigError, JwtConfig};
+use crate::{
+    clock::{Clock, SystemClock},
+    config::{ClaimsConfig, ConfigError, JwtConfig},
+};
 
 /// Who a verified token says the user is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -53,8 +61,13 @@ pub enum VerifyError {
     MissingUserId,
     #[error("identity token verification is not configured")]
     NotConfigured,
-    #[error("signing keys cannot be fetched: {0}")]
-    KeysUnavailable(String),
+    /// The JWKS could not be read (unreachable, an error status, not a key set) and no trusted
+    /// key fits the token: the token may well be good; retry after `retry_after_secs`.
+    #[error("signing keys cannot be fetched: {reason}")]
+    KeysUnavailable {
+        reason: String,
+        retry_after_secs: u64,
+    },
     #[error("token is larger than {0} bytes")]
     TooLarge(usize),
     #[error("token type is not `{0}`")]
@@ -133,16 +146,42 @@ enum KeySource {
     /// HS* with no secret configured: every token is rejected.
     Unconfigured,
     Static(DecodingKey),
-    Jwks(JwksCache),
+    Jwks(Arc<JwksCache>),
 }
 
+type KeyMap = HashMap<String, (Arc<DecodingKey>, Family)>;
+
+/// The identity service's JWKS, cached with a bounded age.
+///
+/// - Keys fetched less than `max_age` ago are trusted; older ones never are (a key removed from
+///   the JWKS stops verifying within `max_age`).
+/// - From half of `max_age` on, a read refreshes the set in the background (single-flight), so
+///   keys normally never age out while the identity service answers.
+/// - An unknown `kid` refetches at once, at most once per `min_refetch`.
+/// - A fetch that fails (unreachable, non-2xx, not a key set) is [`VerifyError::KeysUnavailable`]
+///   — "retry later" (503), never "bad token" (401) — and is retried at most once per
+///   `min_refetch`.
 struct JwksCache {
     url: String,
     http: reqwest::Client,
-    min_refetch: Duration,
-    keys: RwLock<HashMap<String, (Arc<DecodingKey>, Family)>>,
-    /// Serialises fetches and remembers when the last one ran.
-    last_fetch: tokio::sync::Mutex<Option<Instant>>,
+    clock: Arc<dyn Clock>,
+    min_refetch: time::Duration,
+    max_age: time::Duration,
+    state: RwLock<JwksState>,
+    /// Serialises fetches (single-flight).
+    fetching: tokio::sync::Mutex<()>,
+    /// A background refresh is queued or running.
+    refreshing: AtomicBool,
+}
+
+#[derive(Default)]
+struct JwksState {
+    keys: KeyMap,
+    /// When the current keys were fetched (the last successful fetch).
+    fetched_at: Option<OffsetDateTime>,
+    /// When the last fetch was attempted, and why it failed (`None`: it succeeded).
+    attempted_at: Option<OffsetDateTime>,
+    failure: Option<String>,
 }
 
 pub struct IdentityVerifier {
@@ -199,6 +238,16 @@ impl IdentityVerifier {
         claims: &ClaimsConfig,
         http: reqwest::Client,
     ) -> Result<Self, ConfigError> {
+        Self::with_clock(cfg, claims, http, Arc::new(SystemClock))
+    }
+
+    /// As [`IdentityVerifier::new`], with the clock that ages the cached JWKS.
+    pub fn with_clock(
+        cfg: &JwtConfig,
+        claims: &ClaimsConfig,
+        http: reqwest::Client,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ConfigError> {
         let algorithms = parse_algorithms(cfg)?;
         let hmac = family(algorithms[0]) == Some(Family::Hmac);
         let keys = if hmac {
@@ -230,13 +279,16 @@ impl IdentityVerifier {
             }
             KeySource::Static(key)
         } else {
-            KeySource::Jwks(JwksCache {
+            KeySource::Jwks(Arc::new(JwksCache {
                 url: cfg.jwks_url.clone(),
                 http,
-                min_refetch: Duration::from_secs(cfg.jwks_min_refetch_secs),
-                keys: RwLock::new(HashMap::new()),
-                last_fetch: tokio::sync::Mutex::new(None),
-            })
+                clock,
+                min_refetch: secs(cfg.jwks_min_refetch_secs),
+                max_age: secs(cfg.jwks_max_age_secs.max(1)),
+                state: RwLock::new(JwksState::default()),
+                fetching: tokio::sync::Mutex::new(()),
+                refreshing: AtomicBool::new(false),
+            }))
         };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms.clone();
@@ -292,7 +344,7 @@ impl IdentityVerifier {
             KeySource::Unconfigured => return Err(VerifyError::NotConfigured),
             KeySource::Static(key) => self.decode(token, key)?,
             KeySource::Jwks(cache) => {
-                let key = cache.key_for(header.kid.as_deref(), header.alg).await?;
+                let key = JwksCache::key_for(cache, header.kid.as_deref(), header.alg).await?;
                 self.decode(token, &key)?
             }
         };
@@ -367,70 +419,191 @@ impl IdentityVerifier {
     }
 }
 
+fn secs(n: u64) -> time::Duration {
+    time::Duration::seconds(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+/// Whole seconds until `d` has passed, at least 1 (a `Retry-After`).
+fn ceil_secs(d: time::Duration) -> u64 {
+    let ms = d.whole_milliseconds().max(0);
+    u64::try_from((ms + 999) / 1000).unwrap_or(u64::MAX).max(1)
+}
+
+/// What the cache can say about a token's key without fetching.
+enum Lookup {
+    Trusted(Arc<DecodingKey>),
+    /// The key is trusted but past half its age: use it, and refresh in the background.
+    TrustedRefresh(Arc<DecodingKey>),
+    Miss,
+}
+
 impl JwksCache {
     async fn key_for(
-        &self,
+        this: &Arc<Self>,
         kid: Option<&str>,
         alg: Algorithm,
     ) -> Result<Arc<DecodingKey>, VerifyError> {
         let kid = kid.unwrap_or("");
         let fam = family(alg).ok_or(VerifyError::AlgorithmNotAllowed(format!("{alg:?}")))?;
-        if let Some(key) = self.cached(kid, fam) {
+        match this.lookup(kid, fam) {
+            Lookup::Trusted(key) => return Ok(key),
+            Lookup::TrustedRefresh(key) => {
+                Self::refresh_in_background(this);
+                return Ok(key);
+            }
+            Lookup::Miss => {}
+        }
+        // Unknown kid, or no trusted keys: fetch (single-flight), but at most once per
+        // `min_refetch` so junk tokens cannot make us hammer the identity service.
+        let _fetching = this.fetching.lock().await;
+        if let Lookup::Trusted(key) | Lookup::TrustedRefresh(key) = this.lookup(kid, fam) {
             return Ok(key);
         }
-        // Unknown kid: refetch, but at most once per `min_refetch` so junk tokens cannot make us
-        // hammer the identity service.
-        let mut last = self.last_fetch.lock().await;
-        if let Some(key) = self.cached(kid, fam) {
-            return Ok(key);
-        }
-        if last.is_some_and(|t| t.elapsed() < self.min_refetch) {
-            return Err(VerifyError::UnknownKey);
-        }
-        *last = Some(Instant::now());
-        let set = self.fetch().await?;
-        let mut fresh = HashMap::new();
-        for jwk in &set.keys {
-            if let Some((key, fam)) = decoding_key(jwk) {
-                let id = jwk.common.key_id.clone().unwrap_or_default();
-                fresh.insert(id, (Arc::new(key), fam));
+        let now = this.clock.now();
+        let (recent_attempt, failure, fresh) = {
+            let state = this.read();
+            (
+                state
+                    .attempted_at
+                    .map(|t| now - t)
+                    .filter(|since| *since < this.min_refetch),
+                state.failure.clone(),
+                state.fetched_at.is_some_and(|t| now - t < this.max_age),
+            )
+        };
+        if let Some(since) = recent_attempt {
+            match failure {
+                // The source is failing: the token may be good, the keys are what is missing.
+                Some(reason) => {
+                    return Err(VerifyError::KeysUnavailable {
+                        reason,
+                        retry_after_secs: ceil_secs(this.min_refetch - since),
+                    })
+                }
+                // A set fetched moments ago does not have this kid.
+                None if fresh => return Err(VerifyError::UnknownKey),
+                None => {}
             }
         }
-        tracing::info!(keys = fresh.len(), url = %self.url, "fetched identity JWKS");
-        if let Ok(mut keys) = self.keys.write() {
-            *keys = fresh;
+        this.fetch_and_store().await?;
+        match this.lookup(kid, fam) {
+            Lookup::Trusted(key) | Lookup::TrustedRefresh(key) => Ok(key),
+            Lookup::Miss => Err(VerifyError::UnknownKey),
         }
-        self.cached(kid, fam).ok_or(VerifyError::UnknownKey)
     }
 
-    /// The key for `kid`, only if its type fits the token's algorithm family (no confusion).
-    fn cached(&self, kid: &str, fam: Family) -> Option<Arc<DecodingKey>> {
-        let keys = self.keys.read().ok()?;
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, JwksState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The key for `kid` if the set is younger than `max_age` and the key's type fits the
+    /// token's algorithm family (no confusion).
+    fn lookup(&self, kid: &str, fam: Family) -> Lookup {
+        let now = self.clock.now();
+        let state = self.read();
+        let Some(age) = state.fetched_at.map(|t| now - t) else {
+            return Lookup::Miss;
+        };
+        if age >= self.max_age {
+            return Lookup::Miss;
+        }
+        let keys = &state.keys;
         let found = keys.get(kid).or_else(|| {
             // A token without `kid` is accepted only when the set has exactly one key.
             (kid.is_empty() && keys.len() == 1)
                 .then(|| keys.values().next())
                 .flatten()
-        })?;
-        (found.1 == fam).then(|| found.0.clone())
+        });
+        match found {
+            Some((key, f)) if *f == fam => {
+                let refresh_due = age >= self.max_age / 2
+                    && state
+                        .attempted_at
+                        .is_none_or(|t| now - t >= self.min_refetch);
+                if refresh_due {
+                    Lookup::TrustedRefresh(key.clone())
+                } else {
+                    Lookup::Trusted(key.clone())
+                }
+            }
+            _ => Lookup::Miss,
+        }
     }
 
-    async fn fetch(&self) -> Result<JwkSet, VerifyError> {
+    /// Refetches the set without making the caller wait; one refresh at a time.
+    fn refresh_in_background(this: &Arc<Self>) {
+        if this.refreshing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let cache = this.clone();
+        tokio::spawn(async move {
+            {
+                let _fetching = cache.fetching.lock().await;
+                // Someone may have fetched while this task waited.
+                let now = cache.clock.now();
+                let due = cache
+                    .read()
+                    .attempted_at
+                    .is_none_or(|t| now - t >= cache.min_refetch);
+                if due {
+                    if let Err(e) = cache.fetch_and_store().await {
+                        tracing::warn!(
+                            error = %e,
+                            "identity JWKS refresh failed; the cached keys stay trusted until they are jwks_max_age_secs old"
+                        );
+                    }
+                }
+            }
+            cache.refreshing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Fetches the set and records the outcome; the caller holds `fetching`.
+    async fn fetch_and_store(&self) -> Result<(), VerifyError> {
+        let now = self.clock.now();
+        match self.fetch().await {
+            Ok(set) => {
+                let mut fresh = HashMap::new();
+                for jwk in &set.keys {
+                    if let Some((key, fam)) = decoding_key(jwk) {
+                        let id = jwk.common.key_id.clone().unwrap_or_default();
+                        fresh.insert(id, (Arc::new(key), fam));
+                    }
+                }
+                tracing::info!(keys = fresh.len(), url = %self.url, "fetched identity JWKS");
+                let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+                state.keys = fresh;
+                state.fetched_at = Some(now);
+                state.attempted_at = Some(now);
+                state.failure = None;
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::warn!(error = %reason, url = %self.url, "identity JWKS fetch failed");
+                let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+                state.attempted_at = Some(now);
+                state.failure = Some(reason.clone());
+                Err(VerifyError::KeysUnavailable {
+                    reason,
+                    retry_after_secs: ceil_secs(self.min_refetch),
+                })
+            }
+        }
+    }
+
+    async fn fetch(&self) -> Result<JwkSet, String> {
         let res = self
             .http
             .get(&self.url)
             .send()
             .await
-            .map_err(|e| VerifyError::KeysUnavailable(e.without_url().to_string()))?;
+            .map_err(|e| e.without_url().to_string())?;
         if !res.status().is_success() {
-            return Err(VerifyError::KeysUnavailable(format!(
-                "JWKS answered {}",
-                res.status()
-            )));
+            return Err(format!("JWKS answered {}", res.status()));
         }
         res.json::<JwkSet>()
             .await
-            .map_err(|e| VerifyError::KeysUnavailable(format!("JWKS is not a key set: {e}")))
+            .map_err(|e| format!("JWKS is not a key set: {e}"))
     }
 }
 

@@ -12,6 +12,7 @@ use crate::{client::ClientInfo, config::LibreChatConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibreChatError {
+    /// LibreChat's own verdict on the email/password (see `login_not_found`).
     #[error("LibreChat refused the email/password")]
     BadCredentials,
     #[error("the LibreChat session is gone (refresh refused)")]
@@ -104,8 +105,7 @@ impl LibreChatClient {
             .await?;
         let status = res.status();
         if status == StatusCode::NOT_FOUND {
-            // Passport's "Incorrect password." / "Email does not exist." (contract §2).
-            return Err(LibreChatError::BadCredentials);
+            return Err(login_not_found(res).await);
         }
         if !status.is_success() {
             return Err(failure(res).await);
@@ -279,6 +279,64 @@ async fn failure(res: reqwest::Response) -> LibreChatError {
         status: status.as_u16(),
         message,
     }
+}
+
+/// A 404 from `POST /api/auth/login` is LibreChat's credential verdict only when it is its own
+/// answer (contract §2, `requireLocalAuth`: `res.status(404).send(info)` with passport's `info`):
+/// a JSON `{message}` saying "Incorrect password.", "Email does not exist.", passport-local's
+/// "Missing credentials", or a zod validation text (`email: …` / `password: …`). Anything else —
+/// an ingress's HTML 404, no JSON, another message (LibreChat's "Endpoint not found" for a
+/// misrouted path) — says nothing about the password and must not mark the credential drifted.
+async fn login_not_found(res: reqwest::Response) -> LibreChatError {
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.trim_start().starts_with("application/json"));
+    let text = if is_json {
+        read_bounded(res, 4096).await
+    } else {
+        String::new()
+    };
+    let message = serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_owned));
+    match message {
+        Some(m) if is_credential_verdict(&m) => LibreChatError::BadCredentials,
+        Some(_) => LibreChatError::Unavailable(
+            "LibreChat login answered 404 with a message that is not a credential verdict".into(),
+        ),
+        None => LibreChatError::Unavailable(
+            "LibreChat login answered 404 without LibreChat's JSON (misrouted?)".into(),
+        ),
+    }
+}
+
+/// The body as text when it is at most `max` bytes (LibreChat's verdicts are one sentence);
+/// empty when longer or unreadable.
+async fn read_bounded(mut res: reqwest::Response, max: usize) -> String {
+    let mut body = Vec::new();
+    loop {
+        match res.chunk().await {
+            Ok(Some(chunk)) if body.len() + chunk.len() <= max => body.extend_from_slice(&chunk),
+            Ok(None) => return String::from_utf8(body).unwrap_or_default(),
+            Ok(Some(_)) | Err(_) => return String::new(),
+        }
+    }
+}
+
+/// Passport's and zod's refusals of a login body (contract §2; `api/strategies/localStrategy.js`
+/// and `errorsToString`, which joins `<field>: <message>` issues with spaces).
+fn is_credential_verdict(message: &str) -> bool {
+    const VERDICTS: [&str; 3] = [
+        "Incorrect password.",
+        "Email does not exist.",
+        "Missing credentials",
+    ];
+    let message = message.trim();
+    VERDICTS.contains(&message)
+        || message.starts_with("email: ")
+        || message.starts_with("password: ")
 }
 
 /// The `refreshToken` value from the response's `Set-Cookie` lines.

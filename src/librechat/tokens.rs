@@ -6,12 +6,22 @@
 //! single-flight per user, in process and across replicas (Redis lock, then re-read the record
 //! and act only if it is still the one we saw): LibreChat rotates the refresh token, so a second
 //! refresh with the old one would destroy the LibreChat session.
+//!
+//! Failure semantics:
+//! - A renewal runs detached from the request that needed it (a spawned task the request
+//!   awaits): a client that disconnects mid-renewal cannot drop a refresh cookie LibreChat has
+//!   already rotated; the result is stored and cached whoever is still waiting.
+//! - The Redis lock is extended while the renewal runs (see `crate::lock`), so a slow LibreChat
+//!   never lets a second replica refresh with a token that is already spent.
+//! - A renewal that failed (LibreChat unreachable, rate limiting, ban) is remembered for a few
+//!   seconds: requests in that window get the still-valid token, or the same error, without
+//!   asking LibreChat again.
+//! - In-process state (token cache, pauses, remembered failures) is bounded in size and time.
 
 use std::{
-    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
+        Arc,
     },
     time::Duration,
 };
@@ -19,6 +29,7 @@ use std::{
 use futures_util::StreamExt;
 
 use axum::http::HeaderValue;
+use moka::{ops::compute::Op, sync::Cache};
 use serde::{Deserialize, Serialize};
 
 use super::client::{LibreChatClient, LibreChatError, LibreChatLogin};
@@ -54,6 +65,10 @@ pub enum TokenError {
     Unavailable(String),
     #[error("store unavailable: {0}")]
     Store(String),
+    /// Another renewal of this user's login (in this process or another replica) did not finish
+    /// within the wait bound.
+    #[error("a renewal of this user's LibreChat login is still running")]
+    Busy,
 }
 
 impl From<redis::RedisError> for TokenError {
@@ -76,7 +91,10 @@ impl From<VaultError> for TokenError {
 
 impl From<LockError> for TokenError {
     fn from(e: LockError) -> Self {
-        Self::Store(e.to_string())
+        match e {
+            LockError::Redis(e) => Self::Store(e.to_string()),
+            LockError::Timeout(_) => Self::Busy,
+        }
     }
 }
 
@@ -93,6 +111,22 @@ pub struct UpstreamToken {
 /// nothing for this long: LibreChat refusing fresh tokens (a deleted or blocked account) would
 /// otherwise cost one renewal per request.
 const FUTILE_RENEWAL_PAUSE: i64 = 10;
+/// A renewal that failed (LibreChat unreachable, banned) is not retried for this long; a rate
+/// limit is respected for its `Retry-After`, up to `MAX_FAILURE_MEMORY`.
+const FAILED_RENEWAL_PAUSE: i64 = 5;
+const MAX_FAILURE_MEMORY: i64 = 60;
+/// The Redis lock's TTL. The watchdog extends it while the renewal runs, so this only bounds
+/// how long a crashed replica blocks the user.
+const LOCK_TTL: Duration = Duration::from_secs(30);
+/// How long a request waits for a renewal running elsewhere (another replica, or another
+/// request of this process) before answering 503 `busy`.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+/// Users whose token is kept in process memory (each entry is well under 1 KiB); the others
+/// read theirs from Redis. Entries also expire after `CACHE_TTL`.
+pub const TOKEN_CACHE_CAPACITY: u64 = 50_000;
+const CACHE_TTL: Duration = Duration::from_secs(30 * 60);
+/// Users with a renewal pause or a remembered failure kept at once.
+pub const PAUSE_CAPACITY: u64 = 50_000;
 
 #[derive(Serialize, Deserialize)]
 struct Secrets {
@@ -119,26 +153,57 @@ struct Decrypted {
     generation: u64,
 }
 
+/// A renewal failure remembered for a moment (see `FAILED_RENEWAL_PAUSE`).
+#[derive(Clone, Copy, Debug)]
+enum Failure {
+    Unavailable,
+    RateLimited,
+    Banned,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Remembered {
+    failure: Failure,
+    /// Unix seconds: when it happened, and until when it holds.
+    at: i64,
+    until: i64,
+}
+
+/// Entry counts of the in-process state (every one bounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryEntries {
+    pub cached_tokens: u64,
+    pub renewal_pauses: u64,
+    pub remembered_failures: u64,
+}
+
 pub struct TokenManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     client: LibreChatClient,
     vault: CredentialVault,
     redis: RedisHandle,
     keyring: Arc<KeyRing>,
     clock: Arc<dyn Clock>,
     skew: i64,
-    cache: Arc<RwLock<HashMap<String, UpstreamToken>>>,
+    cache: Cache<String, UpstreamToken>,
     /// Bumped by every revocation seen: a renewal that raced one is not cached.
-    revocations: Arc<AtomicU64>,
+    revocations: AtomicU64,
     /// Users whose renewal after a 401 was refused too, and when (see `FUTILE_RENEWAL_PAUSE`).
-    futile: std::sync::Mutex<HashMap<String, i64>>,
+    futile: Cache<String, i64>,
+    /// Users whose last renewal failed moments ago (see `FAILED_RENEWAL_PAUSE`).
+    failures: Cache<String, Remembered>,
     locks: LocalLocks,
     metrics: Arc<Metrics>,
+    lock_ttl_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for TokenManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenManager")
-            .field("skew", &self.skew)
+            .field("skew", &self.inner.skew)
             .finish()
     }
 }
@@ -164,21 +229,6 @@ impl Need {
     }
 }
 
-fn forget(
-    cache: &RwLock<HashMap<String, UpstreamToken>>,
-    revocations: &AtomicU64,
-    user_id: Option<&str>,
-) {
-    revocations.fetch_add(1, Ordering::AcqRel);
-    let mut cache = cache.write().unwrap_or_else(|p| p.into_inner());
-    match user_id {
-        Some(user) => {
-            cache.remove(user);
-        }
-        None => cache.clear(),
-    }
-}
-
 impl TokenManager {
     pub fn new(
         client: LibreChatClient,
@@ -189,32 +239,37 @@ impl TokenManager {
         skew: Duration,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self {
+        let inner = Inner {
             client,
             vault,
             redis,
             keyring,
             clock,
             skew: skew.as_secs() as i64,
-            cache: Arc::default(),
-            revocations: Arc::default(),
-            futile: Default::default(),
+            cache: Cache::builder()
+                .max_capacity(TOKEN_CACHE_CAPACITY)
+                .time_to_live(CACHE_TTL)
+                .build(),
+            revocations: AtomicU64::new(0),
+            futile: Cache::builder()
+                .max_capacity(PAUSE_CAPACITY)
+                .time_to_live(Duration::from_secs(FUTILE_RENEWAL_PAUSE as u64))
+                .build(),
+            failures: Cache::builder()
+                .max_capacity(PAUSE_CAPACITY)
+                .time_to_live(Duration::from_secs(MAX_FAILURE_MEMORY as u64))
+                .build(),
             locks: LocalLocks::default(),
             metrics,
+            lock_ttl_ms: AtomicU64::new(LOCK_TTL.as_millis() as u64),
+        };
+        Self {
+            inner: Arc::new(inner),
         }
     }
 
     pub fn client(&self) -> &LibreChatClient {
-        &self.client
-    }
-
-    fn now(&self) -> i64 {
-        self.clock.now().unix_timestamp()
-    }
-
-    fn cached(&self, user_id: &str) -> Option<UpstreamToken> {
-        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        cache.get(user_id).cloned()
+        &self.inner.client
     }
 
     /// The user's access token: from process memory when fresh, else renewed (single-flight).
@@ -223,9 +278,15 @@ impl TokenManager {
         user_id: &str,
         client: &ClientInfo,
     ) -> Result<UpstreamToken, TokenError> {
-        let seen = self.cached(user_id);
+        let inner = &self.inner;
+        let seen = inner.cached(user_id);
         if let Some(t) = &seen {
-            if t.exp - self.skew > self.now() {
+            let now = inner.now();
+            if t.exp - inner.skew > now {
+                return Ok(t.clone());
+            }
+            // Due for renewal, but the last attempt failed moments ago: keep using it.
+            if t.exp > now && inner.recent_failure(user_id, now).is_some() {
                 return Ok(t.clone());
             }
         }
@@ -252,52 +313,50 @@ impl TokenManager {
     /// nothing more (the next request re-reads the stored token instead).
     pub fn renewal_refused(&self, user_id: &str, token: &UpstreamToken) {
         self.invalidate(user_id, token.generation);
-        let now = self.now();
-        let mut futile = self.futile.lock().unwrap_or_else(|p| p.into_inner());
-        if futile.len() >= 10_000 {
-            futile.retain(|_, at| now - *at < FUTILE_RENEWAL_PAUSE);
-        }
-        futile.insert(user_id.to_owned(), now);
+        self.inner
+            .futile
+            .insert(user_id.to_owned(), self.inner.now());
     }
 
     fn renewal_is_futile(&self, user_id: &str) -> bool {
-        let now = self.now();
-        let futile = self.futile.lock().unwrap_or_else(|p| p.into_inner());
-        futile
+        let now = self.inner.now();
+        self.inner
+            .futile
             .get(user_id)
             .is_some_and(|at| (0..FUTILE_RENEWAL_PAUSE).contains(&(now - at)))
     }
 
     /// Forgets the token of `generation` in this process (the next request renews it).
     pub fn invalidate(&self, user_id: &str, generation: u64) {
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if cache
-            .get(user_id)
-            .is_some_and(|t| t.generation == generation)
-        {
-            cache.remove(user_id);
-        }
+        self.inner
+            .cache
+            .entry_by_ref(user_id)
+            .and_compute_with(|entry| match entry {
+                Some(e) if e.value().generation == generation => Op::Remove,
+                _ => Op::Nop,
+            });
     }
 
     /// Logs the user out of LibreChat and forgets the login (deactivation, revocation).
     pub async fn sign_out(&self, user_id: &str, client: &ClientInfo) -> Result<(), TokenError> {
-        let _local = self.locks.lock(user_id).await;
-        let lock = self.lock(user_id).await?;
+        let inner = &self.inner;
+        let _local = inner.locks.lock_within(user_id, LOCK_WAIT).await?;
+        let lock = inner.lock(user_id).await?;
         let result = async {
-            if let Some(login) = self.load(user_id).await? {
-                if let Err(e) = self.client.logout(&login.token, &login.refresh, client).await {
+            if let Some(login) = inner.load(user_id).await? {
+                if let Err(e) = inner.client.logout(&login.token, &login.refresh, client).await {
                     tracing::warn!(user = %user_id, error = %e, "LibreChat logout failed; forgetting the login anyway");
                 }
             }
-            let mut conn = self.redis.conn().await?;
+            let mut conn = inner.redis.conn().await?;
             redis::cmd("DEL")
-                .arg(self.key(user_id))
+                .arg(inner.key(user_id))
                 .query_async::<i64>(&mut conn)
                 .await?;
-            self.forget(user_id);
+            inner.forget(Some(user_id));
             // Every replica drops its in-process copy (see `listen_for_revocations`).
             redis::cmd("PUBLISH")
-                .arg(self.revocation_channel())
+                .arg(inner.revocation_channel())
                 .arg(user_id)
                 .query_async::<i64>(&mut conn)
                 .await?;
@@ -308,33 +367,19 @@ impl TokenManager {
         result
     }
 
-    fn key(&self, user_id: &str) -> String {
-        self.redis.key(&format!("lc-login:{user_id}"))
-    }
-
-    fn revocation_channel(&self) -> String {
-        self.redis.key("revoked-logins")
-    }
-
-    fn forget(&self, user_id: &str) {
-        forget(&self.cache, &self.revocations, Some(user_id));
-    }
-
     /// Follows revocations published by any replica (deactivation, sign-out) and drops the
     /// user's token from this process's cache at once, so no replica keeps serving a revoked
     /// user from memory. After any gap in the subscription the whole cache is dropped (a
     /// revocation may have been missed); tokens are then re-read from Redis.
     pub fn listen_for_revocations(&self) -> tokio::task::JoinHandle<()> {
-        let redis = self.redis.clone();
-        let channel = self.revocation_channel();
-        let cache = self.cache.clone();
-        let revocations = self.revocations.clone();
+        let inner = self.inner.clone();
         tokio::spawn(async move {
+            let channel = inner.revocation_channel();
             let mut pause = Duration::from_millis(200);
             let mut warned = false;
             loop {
                 let subscribed = async {
-                    let client = redis.client().await?;
+                    let client = inner.redis.client().await?;
                     let mut pubsub = client.get_async_pubsub().await?;
                     pubsub.subscribe(&channel).await?;
                     Ok::<_, redis::RedisError>(pubsub)
@@ -342,13 +387,13 @@ impl TokenManager {
                 .await;
                 match subscribed {
                     Ok(pubsub) => {
-                        forget(&cache, &revocations, None);
+                        inner.forget(None);
                         pause = Duration::from_millis(200);
                         warned = false;
                         let mut messages = pubsub.into_on_message();
                         while let Some(msg) = messages.next().await {
                             let user: String = msg.get_payload().unwrap_or_default();
-                            forget(&cache, &revocations, Some(&user));
+                            inner.forget(Some(&user));
                         }
                     }
                     Err(e) => {
@@ -364,14 +409,32 @@ impl TokenManager {
         })
     }
 
-    async fn lock(&self, user_id: &str) -> Result<RedisLock, TokenError> {
-        Ok(RedisLock::acquire(
-            &self.redis,
-            self.redis.key(&format!("lock:lc-login:{user_id}")),
-            Duration::from_secs(30),
-            Duration::from_secs(30),
-        )
-        .await?)
+    /// Test hook: the TTL of the per-user Redis lock (default 30 s). The watchdog extends the
+    /// lock every third of it while a renewal runs.
+    #[doc(hidden)]
+    pub fn set_lock_ttl(&self, ttl: Duration) {
+        self.inner
+            .lock_ttl_ms
+            .store(ttl.as_millis().max(30) as u64, Ordering::Relaxed);
+    }
+
+    /// Test hook: puts `token` in the in-process cache as if it had been acquired for `user_id`.
+    #[doc(hidden)]
+    pub fn cache_token(&self, user_id: &str, token: UpstreamToken) {
+        self.inner.cache.insert(user_id.to_owned(), token);
+    }
+
+    /// How many entries the in-process state holds (after pending evictions ran).
+    pub fn memory_entries(&self) -> MemoryEntries {
+        let inner = &self.inner;
+        inner.cache.run_pending_tasks();
+        inner.futile.run_pending_tasks();
+        inner.failures.run_pending_tasks();
+        MemoryEntries {
+            cached_tokens: inner.cache.entry_count(),
+            renewal_pauses: inner.futile.entry_count(),
+            remembered_failures: inner.failures.entry_count(),
+        }
     }
 
     async fn renew(
@@ -380,30 +443,160 @@ impl TokenManager {
         client: &ClientInfo,
         need: Need,
     ) -> Result<UpstreamToken, TokenError> {
-        let _local = self.locks.lock(user_id).await;
-        // Someone in this process may have renewed while we waited.
-        if let Some(t) = self.cached(user_id) {
-            if need.satisfied_by(t.generation, t.exp, self.now(), self.skew) {
-                return Ok(t);
+        let inner = &self.inner;
+        let local = inner.locks.lock_within(user_id, LOCK_WAIT).await?;
+        // Someone in this process may have renewed (or failed to) while we waited.
+        let now = inner.now();
+        let cached = inner.cached(user_id);
+        if let Some(t) = &cached {
+            if need.satisfied_by(t.generation, t.exp, now, inner.skew) {
+                return Ok(t.clone());
             }
         }
+        if let Some(e) = inner.recent_failure(user_id, now) {
+            return match cached {
+                Some(t) if t.exp > now && matches!(need, Need::Fresh(_)) => Ok(t),
+                _ => Err(e),
+            };
+        }
+        // Detached: once LibreChat has rotated the refresh token, the new one must be stored
+        // even if this request is dropped (client gone); the task holds the local lock too.
+        let task = {
+            let inner = inner.clone();
+            let user = user_id.to_owned();
+            let client = client.clone();
+            tokio::spawn(async move {
+                let _local = local;
+                inner.renew_detached(&user, &client, need).await
+            })
+        };
+        match task.await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(user = %user_id, error = %e, "LibreChat renewal task failed");
+                Err(TokenError::Unavailable("the renewal task failed".into()))
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn now(&self) -> i64 {
+        self.clock.now().unix_timestamp()
+    }
+
+    fn cached(&self, user_id: &str) -> Option<UpstreamToken> {
+        self.cache.get(user_id)
+    }
+
+    fn key(&self, user_id: &str) -> String {
+        self.redis.key(&format!("lc-login:{user_id}"))
+    }
+
+    fn revocation_channel(&self) -> String {
+        self.redis.key("revoked-logins")
+    }
+
+    fn lock_ttl(&self) -> Duration {
+        Duration::from_millis(self.lock_ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Drops one user's (or, with `None`, every) cached token.
+    fn forget(&self, user_id: Option<&str>) {
+        self.revocations.fetch_add(1, Ordering::AcqRel);
+        match user_id {
+            Some(user) => self.cache.invalidate(user),
+            None => self.cache.invalidate_all(),
+        }
+    }
+
+    async fn lock(&self, user_id: &str) -> Result<RedisLock, TokenError> {
+        Ok(RedisLock::acquire(
+            &self.redis,
+            self.redis.key(&format!("lock:lc-login:{user_id}")),
+            self.lock_ttl(),
+            LOCK_WAIT,
+        )
+        .await?)
+    }
+
+    /// The error of a renewal that failed moments ago, while it is remembered.
+    fn recent_failure(&self, user_id: &str, now: i64) -> Option<TokenError> {
+        let r = self.failures.get(user_id)?;
+        if now < r.at || now >= r.until {
+            return None;
+        }
+        Some(match r.failure {
+            Failure::Unavailable => {
+                TokenError::Unavailable("the last renewal failed moments ago".into())
+            }
+            Failure::RateLimited => {
+                TokenError::RateLimited(Duration::from_secs((r.until - now).max(1) as u64))
+            }
+            Failure::Banned => TokenError::Banned,
+        })
+    }
+
+    fn remember_failure(&self, user_id: &str, e: &TokenError) {
+        let at = self.now();
+        let (failure, pause) = match e {
+            TokenError::Unavailable(_) => (Failure::Unavailable, FAILED_RENEWAL_PAUSE),
+            TokenError::RateLimited(d) => (
+                Failure::RateLimited,
+                (d.as_secs() as i64).clamp(FAILED_RENEWAL_PAUSE, MAX_FAILURE_MEMORY),
+            ),
+            TokenError::Banned => (Failure::Banned, FAILED_RENEWAL_PAUSE),
+            // Store trouble is not LibreChat's; vault states change by themselves.
+            _ => return,
+        };
+        self.failures.insert(
+            user_id.to_owned(),
+            Remembered {
+                failure,
+                at,
+                until: at + pause,
+            },
+        );
+    }
+
+    /// The renewal proper, run in its own task: adopt a token stored by somebody else, else
+    /// take the Redis lock and renew; the result is cached here (unless a revocation raced it).
+    async fn renew_detached(
+        &self,
+        user_id: &str,
+        client: &ClientInfo,
+        need: Need,
+    ) -> Result<UpstreamToken, TokenError> {
         let epoch = self.revocations.load(Ordering::Acquire);
-        let lock = self.lock(user_id).await?;
-        let result = self.renew_locked(user_id, client, need).await;
-        lock.release().await;
+        let result = self.renew_guarded(user_id, client, need).await;
+        if let Err(e) = &result {
+            self.remember_failure(user_id, e);
+        }
         let token = result?;
         if self.revocations.load(Ordering::Acquire) != epoch {
             // A revocation arrived meanwhile: serve this request, remember nothing.
             return Ok(token);
         }
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= 10_000 {
-            // Bounded memory: drop expired entries (their users re-acquire from Redis).
-            let now = self.now();
-            cache.retain(|_, t| t.exp > now);
-        }
-        cache.insert(user_id.to_owned(), token.clone());
+        self.cache.insert(user_id.to_owned(), token.clone());
         Ok(token)
+    }
+
+    async fn renew_guarded(
+        &self,
+        user_id: &str,
+        client: &ClientInfo,
+        need: Need,
+    ) -> Result<UpstreamToken, TokenError> {
+        // A token stored by another replica (or before a restart) serves without any lock.
+        if let Some(s) = self.load(user_id).await? {
+            if need.satisfied_by(s.generation, s.exp, self.now(), self.skew) {
+                return upstream(&s.token, s.exp, s.generation);
+            }
+        }
+        let lock = self.lock(user_id).await?;
+        let result = self.renew_locked(user_id, client, need).await;
+        lock.release().await;
+        result
     }
 
     async fn renew_locked(
@@ -417,6 +610,7 @@ impl TokenManager {
         if let Some(s) = &stored {
             // Another replica may have renewed already: adopt its token.
             if need.satisfied_by(s.generation, s.exp, now, self.skew) {
+                self.failures.invalidate(user_id);
                 return upstream(&s.token, s.exp, s.generation);
             }
         }
@@ -432,8 +626,10 @@ impl TokenManager {
                         tracing::info!(user = %user_id, "LibreChat session gone; logging in again");
                     }
                     Err(e) if s.exp > now && matches!(need, Need::Fresh(_)) => {
-                        // Transient trouble while the token still works: use it.
+                        // Transient trouble while the token still works: use it, and let the
+                        // requests of the next seconds use it too without asking again.
                         tracing::warn!(user = %user_id, error = %e, "LibreChat refresh failed; token still valid");
+                        self.remember_failure(user_id, &map_error(e));
                         return upstream(&s.token, s.exp, s.generation);
                     }
                     Err(e) => return Err(map_error(e)),
@@ -541,6 +737,7 @@ impl TokenManager {
             .arg(ttl)
             .query_async::<()>(&mut conn)
             .await?;
+        self.failures.invalidate(user_id);
         upstream(&login.token, login.token_exp, generation)
     }
 }

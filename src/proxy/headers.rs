@@ -46,15 +46,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Rewrites the client's request headers in place for LibreChat.
+/// Rewrites the client's request headers in place for LibreChat. `csrf_header` is the configured
+/// CSRF header (`csrf.header_name`), which is the BFF's business only, like `X-CSRF`.
 pub fn rewrite_request(
     headers: &mut HeaderMap,
     token: &UpstreamToken,
     client: &ClientInfo,
     request_id: &HeaderValue,
+    csrf_header: &HeaderName,
 ) {
     strip_hop_by_hop(headers);
-    for name in &CLIENT_ONLY {
+    for name in CLIENT_ONLY.iter().chain(std::iter::once(csrf_header)) {
         headers.remove(name);
     }
     let forwarded: Vec<HeaderName> = headers

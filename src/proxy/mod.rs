@@ -46,7 +46,8 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     let client = client_info_of(&parts, state)?;
 
     // 2. Acquire the user's LibreChat token (in-process when warm). No usable account yet:
-    // make sure a provisioning job exists (just in time), answer 503 meanwhile.
+    // make sure a provisioning job exists (just in time), answer 503 meanwhile with the time
+    // the job runs next.
     let token = match state.tokens.token(&user.id, &client).await {
         Ok(token) => token,
         Err(e) => {
@@ -57,6 +58,11 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
                 if let Err(pe) = state.provisioner.ensure(&user, "login").await {
                     tracing::warn!(user = %user.id, error = %pe, "cannot enqueue provisioning");
                 }
+            }
+            if matches!(e, TokenError::ProvisioningPending) {
+                return Err(ApiError::ProvisioningPendingFor(
+                    state.provisioner.retry_after(&user.id).await,
+                ));
             }
             return Err(e.into());
         }
@@ -70,7 +76,13 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     let method = parts.method;
     // The client's headers are not needed any more: rewrite them in place.
     let mut upstream_headers = parts.headers;
-    headers::rewrite_request(&mut upstream_headers, &token, &client, &request_id);
+    headers::rewrite_request(
+        &mut upstream_headers,
+        &token,
+        &client,
+        &request_id,
+        &state.upstream.csrf_header,
+    );
 
     // 4. Forward; on 401 renew the token and replay once if the body allows it.
     let (first, outcome) = body.take();

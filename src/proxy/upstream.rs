@@ -1,17 +1,33 @@
 //! The pooled HTTP client to LibreChat's `/api/*`, with the connect and response-header
 //! timeouts; bodies stream both ways.
+//!
+//! The response-header timeout starts once the request body has been sent: an upload may take
+//! as long as the client needs (each gap is bounded by `server.request_body_idle_timeout_secs`,
+//! see [`super::body::ClientBody`]). While the body is being sent, LibreChat must keep taking it:
+//! if it takes nothing for `response_header_timeout_secs` while the BFF has bytes for it, the
+//! answer is 504 too.
 
-use std::time::Duration;
+use std::{
+    pin::Pin,
+    sync::Mutex,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use axum::{
-    body::Body,
-    http::{uri::Authority, uri::Scheme, HeaderMap, HeaderValue, Method, Request, Response, Uri},
+    body::{Body, Bytes},
+    http::{
+        uri::Authority, uri::Scheme, HeaderMap, HeaderName, HeaderValue, Method, Request, Response,
+        Uri,
+    },
 };
+use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
 };
+use tokio::{sync::Notify, time::Instant};
 
 use std::sync::Arc;
 
@@ -36,6 +52,8 @@ pub struct Upstream {
     pub max_body: u64,
     pub replay_cap: usize,
     pub deny_prefixes: Vec<String>,
+    /// The configured CSRF header (`csrf.header_name`), stripped before LibreChat.
+    pub csrf_header: HeaderName,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -77,7 +95,18 @@ impl Upstream {
             max_body: cfg.max_request_body_bytes,
             replay_cap: cfg.replay_buffer_bytes,
             deny_prefixes: cfg.deny_prefixes.clone(),
+            csrf_header: HeaderName::from_static("x-csrf"),
         })
+    }
+
+    /// Sets the CSRF header to strip (`csrf.header_name`, validated at load).
+    pub fn with_csrf_header(mut self, name: &str) -> Result<Self, ConfigError> {
+        self.csrf_header =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConfigError::Invalid {
+                key: "csrf.header_name".into(),
+                reason: "not a valid HTTP header name".into(),
+            })?;
+        Ok(self)
     }
 
     /// `{librechat}/api/{rest}[?query]`.
@@ -142,16 +171,43 @@ impl Upstream {
         headers: HeaderMap,
         body: Body,
     ) -> Result<Response<Incoming>, ApiError> {
+        use http_body::Body as _;
+        // Nothing to send: the header clock starts at once.
+        let progress = (!body.is_end_stream()).then(|| std::sync::Arc::new(SendProgress::new()));
+        let body = match &progress {
+            Some(p) => Body::new(ProgressBody {
+                inner: body,
+                progress: p.clone(),
+            }),
+            None => body,
+        };
         let mut req = Request::new(body);
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        match tokio::time::timeout(self.header_timeout, self.client.request(req)).await {
-            Ok(Ok(res)) => Ok(res),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "LibreChat request failed");
-                Err(ApiError::LibreChatUnavailable)
+        let request = self.client.request(req);
+        tokio::pin!(request);
+        if let Some(progress) = progress {
+            // Until the body is sent: no total limit, only LibreChat not taking it.
+            loop {
+                if progress.done() {
+                    break;
+                }
+                let deadline = progress.stall_deadline(self.header_timeout);
+                tokio::select! {
+                    res = &mut request => return classify(res),
+                    _ = progress.sent.notified() => break,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        if progress.stalled(self.header_timeout) {
+                            tracing::warn!("LibreChat stopped taking the request body");
+                            return Err(ApiError::LibreChatTimeout);
+                        }
+                    }
+                }
             }
+        }
+        match tokio::time::timeout(self.header_timeout, request).await {
+            Ok(res) => classify(res),
             Err(_) => Err(ApiError::LibreChatTimeout),
         }
     }
@@ -178,5 +234,123 @@ impl Upstream {
         };
         parts.extensions.insert(Proxied);
         axum::response::Response::from_parts(parts, body)
+    }
+}
+
+fn classify(
+    res: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+) -> Result<Response<Incoming>, ApiError> {
+    res.map_err(|e| {
+        tracing::warn!(error = %e, "LibreChat request failed");
+        ApiError::LibreChatUnavailable
+    })
+}
+
+/// How far a request body has got on its way to LibreChat, shared by the body (in hyper's hands)
+/// and [`Upstream::send`].
+#[derive(Debug)]
+struct SendProgress {
+    state: Mutex<ProgressState>,
+    /// Signalled once, when the body has ended (or failed).
+    sent: Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ProgressState {
+    /// Last time hyper took a frame from the body or found it waiting for the client.
+    last: Instant,
+    /// The body's last answer was `Pending`: the client is the slow one (its idle timeout runs).
+    waiting_on_client: bool,
+    done: bool,
+}
+
+impl SendProgress {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(ProgressState {
+                last: Instant::now(),
+                waiting_on_client: false,
+                done: false,
+            }),
+            sent: Notify::new(),
+        }
+    }
+
+    fn get(&self) -> ProgressState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ProgressState)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn done(&self) -> bool {
+        self.get().done
+    }
+
+    /// When LibreChat will have been silent too long if nothing changes.
+    fn stall_deadline(&self, limit: Duration) -> Instant {
+        let s = self.get();
+        if s.waiting_on_client {
+            Instant::now() + limit
+        } else {
+            s.last + limit
+        }
+    }
+
+    /// Whether hyper has held a frame for LibreChat for `limit` without asking for the next.
+    fn stalled(&self, limit: Duration) -> bool {
+        let s = self.get();
+        !s.done && !s.waiting_on_client && s.last.elapsed() >= limit
+    }
+
+    fn finish(&self) {
+        self.update(|s| s.done = true);
+        self.sent.notify_one();
+    }
+}
+
+/// The request body, reporting its progress to [`SendProgress`].
+struct ProgressBody {
+    inner: Body,
+    progress: std::sync::Arc<SendProgress>,
+}
+
+impl http_body::Body for ProgressBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(_))) => {
+                if this.inner.is_end_stream() {
+                    this.progress.finish();
+                } else {
+                    this.progress.update(|s| {
+                        s.last = Instant::now();
+                        s.waiting_on_client = false;
+                    });
+                }
+            }
+            Poll::Ready(Some(Err(_)) | None) => this.progress.finish(),
+            Poll::Pending => this.progress.update(|s| {
+                s.last = Instant::now();
+                s.waiting_on_client = true;
+            }),
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -4,6 +4,8 @@
 //! when the idle timer is pushed forward (at most once per `slide_interval`) or the identity
 //! token was refreshed.
 
+use std::time::Duration;
+
 use axum::{
     extract::FromRequestParts,
     http::{header, request::Parts},
@@ -11,12 +13,18 @@ use axum::{
 use time::OffsetDateTime;
 use tower_sessions::{Expiry, Session};
 
-use super::{registry::IdentityTokenSet, SessionData, SessionError, UserInfo, DATA_KEY};
+use super::{
+    registry::{IdentityTokenSet, RefreshLockError},
+    SessionData, SessionError, UserInfo, DATA_KEY,
+};
 use crate::{
     app::AppState,
     client::{end_user_of, EndUser},
     error::ApiError,
-    identity::client::IdentityClientError,
+    identity::{
+        client::{IdentityClientError, DEFAULT_RETRY_AFTER},
+        verifier::VerifyError,
+    },
 };
 
 /// An authenticated caller.
@@ -148,6 +156,14 @@ pub async fn end_session(state: &AppState, session: &Session, user_id: &str, sid
 /// Refreshes the session's identity access token, single-flight per session across requests
 /// and replicas. SimpleJWT rotates and blacklists refresh tokens, so a second refresh with the
 /// same token would end the user's identity session.
+///
+/// The locked refresh runs detached from the request (a spawned task this request awaits): once
+/// the identity service has rotated the refresh token, the new one is stored even if the client
+/// has gone away meanwhile (a phone backgrounding mid-request), and the lock is released.
+///
+/// Only a definite refusal (400/401/403) ends the session. When the identity service says "later"
+/// (429, 5xx, timeout), the session is kept: a still-valid access token goes on serving, else the
+/// answer is 503 with `Retry-After`, and this process does not ask again for that long.
 async fn refresh_identity(
     state: &AppState,
     caller: &EndUser,
@@ -156,10 +172,62 @@ async fn refresh_identity(
     data: &mut SessionData,
     now: i64,
 ) -> Result<(), ApiError> {
-    let guard = state.sessions.lock_refresh(sid).await?;
-    let result = refresh_locked(state, caller, session, sid, data, now).await;
-    guard.release().await;
-    result
+    if let Some(wait) = state.sessions.refresh_deferred(sid, now) {
+        return refresh_deferred(state, session, sid, data, now, wait).await;
+    }
+    let task = {
+        let (state, caller, session) = (state.clone(), caller.clone(), session.clone());
+        let (sid, mut data) = (sid.to_owned(), data.clone());
+        tokio::spawn(async move {
+            let guard = state
+                .sessions
+                .lock_refresh(&sid)
+                .await
+                .map_err(|e| match e {
+                    RefreshLockError::Busy => ApiError::Busy(2),
+                    RefreshLockError::Store(e) => ApiError::from(e),
+                })?;
+            let result = refresh_locked(&state, &caller, &session, &sid, &mut data, now).await;
+            guard.release().await;
+            result.map(|()| data)
+        })
+    };
+    match task.await {
+        Ok(Ok(refreshed)) => {
+            *data = refreshed;
+            Ok(())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(e) => {
+            tracing::error!(error = %e, "identity refresh task failed");
+            Err(ApiError::Internal)
+        }
+    }
+}
+
+/// While the identity service's "later" holds: adopt tokens refreshed meanwhile (by another
+/// replica), serve a still-valid access token, else 503 with the seconds left.
+async fn refresh_deferred(
+    state: &AppState,
+    session: &Session,
+    sid: &str,
+    data: &mut SessionData,
+    now: i64,
+    wait: u64,
+) -> Result<(), ApiError> {
+    let Some(current) = state.sessions.tokens(sid).await? else {
+        end_session(state, session, &data.user.id, sid).await;
+        return Err(ApiError::SessionEnded);
+    };
+    if current.generation != data.identity_generation {
+        data.identity_exp = current.access_exp;
+        data.identity_generation = current.generation;
+        return Ok(());
+    }
+    if now < current.access_exp {
+        return Ok(());
+    }
+    Err(ApiError::IdentityThrottled(wait))
 }
 
 async fn refresh_locked(
@@ -194,6 +262,7 @@ async fn refresh_locked(
         match &refreshed {
             Ok(_) => "ok",
             Err(IdentityClientError::Rejected) => "rejected",
+            Err(IdentityClientError::Throttled { .. }) => "throttled",
             Err(_) => "error",
         },
     );
@@ -204,14 +273,52 @@ async fn refresh_locked(
             end_session(state, session, &data.user.id, sid).await;
             return Err(ApiError::SessionEnded);
         }
-        Err(e) if now < current.access_exp => {
-            tracing::warn!(error = %e, "identity refresh failed; the access token is still valid");
-            return Ok(());
+        Err(e) => {
+            // No verdict on the session: keep it, and give the identity service room.
+            let retry_after = match &e {
+                IdentityClientError::Throttled { retry_after } => *retry_after,
+                _ => DEFAULT_RETRY_AFTER,
+            };
+            state.sessions.defer_refresh(sid, now, retry_after);
+            if now < current.access_exp {
+                tracing::warn!(error = %e, "identity refresh failed; the access token is still valid");
+                return Ok(());
+            }
+            tracing::warn!(error = %e, "identity refresh failed; keeping the session");
+            return Err(e.into());
         }
-        Err(e) => return Err(e.into()),
     };
+    // Without rotation the old refresh token stays valid.
+    let refresh = issued.refresh.or(current.refresh);
     let identity = match state.verifier.verify(&issued.access).await {
         Ok(identity) if identity.user_id == data.user.id => identity,
+        Err(e @ VerifyError::KeysUnavailable { .. }) => {
+            // The identity service just rotated the refresh token: keep the new pair, or the
+            // session would die with the next refresh. It is verified at the next refresh.
+            let retry_after_secs = match &e {
+                VerifyError::KeysUnavailable {
+                    retry_after_secs, ..
+                } => *retry_after_secs,
+                _ => DEFAULT_RETRY_AFTER.as_secs(),
+            };
+            let tokens = IdentityTokenSet {
+                access: issued.access,
+                refresh,
+                access_exp: current.access_exp,
+                generation: current.generation + 1,
+            };
+            state.sessions.update_tokens(sid, &tokens).await?;
+            data.identity_generation = tokens.generation;
+            state
+                .sessions
+                .defer_refresh(sid, now, Duration::from_secs(retry_after_secs));
+            tracing::warn!(error = %e, "refreshed identity token cannot be verified yet; kept");
+            return if now < current.access_exp {
+                Ok(())
+            } else {
+                Err(e.into())
+            };
+        }
         Ok(_) | Err(_) => {
             tracing::warn!(
                 "refreshed identity token does not verify for this user; ending session"
@@ -222,12 +329,12 @@ async fn refresh_locked(
     };
     let tokens = IdentityTokenSet {
         access: issued.access,
-        // Without rotation the old refresh token stays valid.
-        refresh: issued.refresh.or(current.refresh),
+        refresh,
         access_exp: identity.expires_at,
         generation: current.generation + 1,
     };
     state.sessions.update_tokens(sid, &tokens).await?;
+    state.sessions.clear_deferral(sid);
     data.identity_exp = identity.expires_at;
     data.identity_generation = tokens.generation;
     data.user = UserInfo::from(&identity);

@@ -1,17 +1,21 @@
 //! Everything about sessions beyond the tower-sessions record:
 //! - the identity tokens of each session, Fernet-encrypted (a Redis dump reveals no token),
 //! - the per-user index of session ids (list and revoke all of a user's sessions),
-//! - the single-flight lock for identity refresh (in-process, and across replicas on Redis).
+//! - the single-flight lock for identity refresh (in-process, and across replicas on Redis),
+//! - per-session refresh back-off after the identity service said "later" (in process).
 //!
-//! Redis keys: `{prefix}:idtokens:{sid}` and `{prefix}:user-sessions:{user id}`.
+//! Redis keys: `{prefix}:idtokens:{sid}` and `{prefix}:user-sessions:{user id}`. In memory mode
+//! the same data lives in bounded caches: each entry expires with its session's absolute end,
+//! and at most `MEMORY_SESSION_CAPACITY` sessions (and as many users) are kept.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     str::FromStr,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
+use moka::{sync::Cache, Expiry};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::OwnedMutexGuard;
@@ -58,15 +62,86 @@ struct StoredTokens {
     generation: u64,
 }
 
-#[derive(Default)]
+/// Sessions (and, separately, users) kept at most by the memory backend.
+pub const MEMORY_SESSION_CAPACITY: u64 = 100_000;
+/// Sessions with a refresh back-off kept at once.
+const BACKOFF_CAPACITY: u64 = 100_000;
+/// Longest refresh back-off (a `Retry-After` beyond it is clamped).
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// TTL of the cross-replica refresh lock (extended while held) and the longest wait for it.
+const LOCK_TTL: Duration = Duration::from_secs(30);
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// A memory entry and the unix second it ends at.
+#[derive(Clone)]
+struct Until<T> {
+    value: T,
+    until: i64,
+}
+
+/// Expires a memory entry at its `until` (real time).
+struct AtUntil;
+
+impl<K, T> Expiry<K, Until<T>> for AtUntil {
+    fn expire_after_create(&self, _: &K, v: &Until<T>, _: Instant) -> Option<Duration> {
+        Some(remaining(v.until))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &K,
+        v: &Until<T>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(remaining(v.until))
+    }
+}
+
+fn remaining(until: i64) -> Duration {
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    Duration::from_secs(until.saturating_sub(now).max(0) as u64)
+}
+
 struct MemoryState {
-    tokens: HashMap<String, StoredTokens>,
-    index: HashMap<String, HashSet<String>>,
+    tokens: Cache<String, Until<StoredTokens>>,
+    index: Cache<String, Until<HashSet<String>>>,
+    /// Serialises read-modify-writes of `index` entries.
+    index_writes: Mutex<()>,
+}
+
+impl MemoryState {
+    fn new() -> Self {
+        Self {
+            tokens: Cache::builder()
+                .max_capacity(MEMORY_SESSION_CAPACITY)
+                .expire_after(AtUntil)
+                .build(),
+            index: Cache::builder()
+                .max_capacity(MEMORY_SESSION_CAPACITY)
+                .expire_after(AtUntil)
+                .build(),
+            index_writes: Mutex::new(()),
+        }
+    }
+
+    fn index_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.index_writes.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 enum Backend {
-    Memory(Mutex<MemoryState>),
+    Memory(MemoryState),
     Redis(RedisHandle),
+}
+
+/// Why [`SessionRegistry::lock_refresh`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshLockError {
+    #[error("another refresh of this session is still running")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] SessionError),
 }
 
 /// Held while refreshing one session's identity tokens.
@@ -88,19 +163,32 @@ pub struct SessionRegistry {
     store: BffSessionStore,
     keyring: Arc<KeyRing>,
     locks: LocalLocks,
+    /// Sessions whose identity refresh waits until the unix second (see `defer_refresh`).
+    backoff: Cache<String, i64>,
+}
+
+/// Entry counts of the memory backend (see [`SessionRegistry::memory_entries`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryEntries {
+    pub sessions: u64,
+    pub users: u64,
 }
 
 impl SessionRegistry {
     pub fn new(store: BffSessionStore, redis: RedisHandle, keyring: Arc<KeyRing>) -> Self {
         let backend = match &store {
             BffSessionStore::Redis(_) => Backend::Redis(redis),
-            BffSessionStore::Memory(_) => Backend::Memory(Mutex::default()),
+            BffSessionStore::Memory(_) => Backend::Memory(MemoryState::new()),
         };
         Self {
             backend,
             store,
             keyring,
             locks: LocalLocks::default(),
+            backoff: Cache::builder()
+                .max_capacity(BACKOFF_CAPACITY)
+                .time_to_live(MAX_BACKOFF)
+                .build(),
         }
     }
 
@@ -108,8 +196,37 @@ impl SessionRegistry {
         &self.store
     }
 
-    fn memory(state: &Mutex<MemoryState>) -> std::sync::MutexGuard<'_, MemoryState> {
-        state.lock().unwrap_or_else(|p| p.into_inner())
+    /// Memory backend: how many sessions and users it holds (after pending evictions ran);
+    /// `None` on Redis.
+    pub fn memory_entries(&self) -> Option<RegistryEntries> {
+        match &self.backend {
+            Backend::Memory(state) => {
+                state.tokens.run_pending_tasks();
+                state.index.run_pending_tasks();
+                Some(RegistryEntries {
+                    sessions: state.tokens.entry_count(),
+                    users: state.index.entry_count(),
+                })
+            }
+            Backend::Redis(_) => None,
+        }
+    }
+
+    /// The identity service asked to come back later: this process does not try to refresh
+    /// session `sid` again before `until` (unix seconds; at most `MAX_BACKOFF` ahead).
+    pub fn defer_refresh(&self, sid: &str, now: i64, retry_after: Duration) {
+        let secs = retry_after.min(MAX_BACKOFF).as_secs().max(1) as i64;
+        self.backoff.insert(sid.to_owned(), now + secs);
+    }
+
+    /// Seconds left of the session's refresh back-off, if any.
+    pub fn refresh_deferred(&self, sid: &str, now: i64) -> Option<u64> {
+        let until = self.backoff.get(sid)?;
+        (until > now).then(|| (until - now) as u64)
+    }
+
+    pub fn clear_deferral(&self, sid: &str) {
+        self.backoff.invalidate(sid);
     }
 
     /// Records a new session: its encrypted tokens and its place in the user's index, both kept
@@ -124,13 +241,22 @@ impl SessionRegistry {
         let stored = self.seal(tokens)?;
         match &self.backend {
             Backend::Memory(state) => {
-                let mut state = Self::memory(state);
-                state.tokens.insert(sid.to_owned(), stored);
-                state
-                    .index
-                    .entry(user_id.to_owned())
-                    .or_default()
-                    .insert(sid.to_owned());
+                let until = until.unix_timestamp();
+                state.tokens.insert(
+                    sid.to_owned(),
+                    Until {
+                        value: stored,
+                        until,
+                    },
+                );
+                let _writes = state.index_lock();
+                let mut entry = state.index.get(user_id).unwrap_or(Until {
+                    value: HashSet::new(),
+                    until,
+                });
+                entry.value.insert(sid.to_owned());
+                entry.until = entry.until.max(until);
+                state.index.insert(user_id.to_owned(), entry);
             }
             Backend::Redis(redis) => {
                 let at_ms = unix_ms(until);
@@ -169,7 +295,16 @@ impl SessionRegistry {
         let stored = self.seal(tokens)?;
         match &self.backend {
             Backend::Memory(state) => {
-                Self::memory(state).tokens.insert(sid.to_owned(), stored);
+                // Like Redis `XX KEEPTTL`: only an existing entry, keeping its end.
+                if let Some(old) = state.tokens.get(sid) {
+                    state.tokens.insert(
+                        sid.to_owned(),
+                        Until {
+                            value: stored,
+                            until: old.until,
+                        },
+                    );
+                }
             }
             Backend::Redis(redis) => {
                 let body = serde_json::to_string(&stored)
@@ -189,7 +324,7 @@ impl SessionRegistry {
 
     pub async fn tokens(&self, sid: &str) -> Result<Option<IdentityTokenSet>, SessionError> {
         let stored = match &self.backend {
-            Backend::Memory(state) => Self::memory(state).tokens.get(sid).cloned(),
+            Backend::Memory(state) => state.tokens.get(sid).map(|e| e.value),
             Backend::Redis(redis) => {
                 let mut conn = redis.conn().await?;
                 let raw: Option<String> = redis::cmd("GET")
@@ -226,10 +361,15 @@ impl SessionRegistry {
         }
         match &self.backend {
             Backend::Memory(state) => {
-                let mut state = Self::memory(state);
-                state.tokens.remove(sid);
-                if let Some(set) = state.index.get_mut(user_id) {
-                    set.remove(sid);
+                state.tokens.invalidate(sid);
+                let _writes = state.index_lock();
+                if let Some(mut entry) = state.index.get(user_id) {
+                    entry.value.remove(sid);
+                    if entry.value.is_empty() {
+                        state.index.invalidate(user_id);
+                    } else {
+                        state.index.insert(user_id.to_owned(), entry);
+                    }
                 }
             }
             Backend::Redis(redis) => {
@@ -252,10 +392,10 @@ impl SessionRegistry {
     /// Ids of the user's live sessions (index entries whose session has ended are pruned).
     pub async fn list(&self, user_id: &str) -> Result<Vec<String>, SessionError> {
         let ids: Vec<String> = match &self.backend {
-            Backend::Memory(state) => Self::memory(state)
+            Backend::Memory(state) => state
                 .index
                 .get(user_id)
-                .map(|s| s.iter().cloned().collect())
+                .map(|e| e.value.into_iter().collect())
                 .unwrap_or_default(),
             Backend::Redis(redis) => {
                 let mut conn = redis.conn().await?;
@@ -290,24 +430,27 @@ impl SessionRegistry {
     }
 
     /// Single-flight for one session's identity refresh: in-process first, then (on Redis)
-    /// across replicas, so a rotating refresh token is spent exactly once.
-    pub async fn lock_refresh(&self, sid: &str) -> Result<RefreshGuard, SessionError> {
-        let local = self.locks.lock(sid).await;
+    /// across replicas, so a rotating refresh token is spent exactly once. Both waits are
+    /// bounded; the Redis lock is extended while held and released if the guard is dropped.
+    pub async fn lock_refresh(&self, sid: &str) -> Result<RefreshGuard, RefreshLockError> {
+        let local = self
+            .locks
+            .lock_within(sid, LOCK_WAIT)
+            .await
+            .map_err(|_| RefreshLockError::Busy)?;
         let remote = match &self.backend {
             Backend::Memory(_) => None,
             Backend::Redis(redis) => Some(
                 RedisLock::acquire(
                     redis,
                     redis.key(&format!("lock:idrefresh:{sid}")),
-                    Duration::from_secs(30),
-                    Duration::from_secs(30),
+                    LOCK_TTL,
+                    LOCK_WAIT,
                 )
                 .await
                 .map_err(|e| match e {
-                    LockError::Redis(e) => SessionError::from(e),
-                    LockError::Timeout(k) => SessionError::StoreUnavailable(format!(
-                        "refresh lock {k} not released in time"
-                    )),
+                    LockError::Redis(e) => RefreshLockError::Store(SessionError::from(e)),
+                    LockError::Timeout(_) => RefreshLockError::Busy,
                 })?,
             ),
         };

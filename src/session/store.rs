@@ -5,13 +5,22 @@
 //! Records live at `{prefix}:session:{id}` with the Redis TTL at the record's expiry. `save`
 //! only overwrites an existing record (`XX`), so a request that loaded a session before it was
 //! revoked cannot bring it back when it finishes.
+//!
+//! In memory, expired records are deleted by [`MemorySessionStore::delete_expired`], which the
+//! app runs every `session.memory_cleanup_interval_secs` (and `create` runs whenever the store
+//! has doubled since the last sweep), so abandoned sessions do not pile up.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use async_trait::async_trait;
 use time::OffsetDateTime;
 use tower_sessions::{
     session::{Id, Record},
     session_store::{self, Error as StoreError},
-    MemoryStore, SessionStore,
+    SessionStore,
 };
 
 use crate::redis_conn::RedisHandle;
@@ -90,10 +99,94 @@ impl SessionStore for RedisSessionStore {
     }
 }
 
+/// Sessions in process memory: records past their expiry are never returned and are deleted
+/// by [`MemorySessionStore::delete_expired`].
+#[derive(Debug, Clone, Default)]
+pub struct MemorySessionStore(Arc<Mutex<MemoryRecords>>);
+
+#[derive(Debug, Default)]
+struct MemoryRecords {
+    records: HashMap<Id, Record>,
+    /// Size after the last sweep: `create` sweeps again when the store has doubled since.
+    swept_len: usize,
+}
+
+/// Below this many records `create` never sweeps (the periodic cleanup is enough).
+const SWEEP_FLOOR: usize = 1024;
+
+impl MemorySessionStore {
+    fn lock(&self) -> MutexGuard<'_, MemoryRecords> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records held, expired ones not yet deleted included.
+    pub fn len(&self) -> usize {
+        self.lock().records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Deletes every record whose expiry has passed; returns how many.
+    pub fn delete_expired(&self) -> usize {
+        let now = OffsetDateTime::now_utc();
+        let mut inner = self.lock();
+        let before = inner.records.len();
+        inner.records.retain(|_, r| r.expiry_date > now);
+        inner.swept_len = inner.records.len();
+        before - inner.records.len()
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemorySessionStore {
+    async fn create(&self, record: &mut Record) -> session_store::Result<()> {
+        let mut inner = self.lock();
+        if inner.records.len() >= SWEEP_FLOOR.max(inner.swept_len.saturating_mul(2)) {
+            let now = OffsetDateTime::now_utc();
+            inner.records.retain(|_, r| r.expiry_date > now);
+            inner.swept_len = inner.records.len();
+        }
+        while inner.records.contains_key(&record.id) {
+            record.id = Id::default();
+        }
+        inner.records.insert(record.id, record.clone());
+        Ok(())
+    }
+
+    /// Like Redis `XX`: never resurrects a deleted or expired session.
+    async fn save(&self, record: &Record) -> session_store::Result<()> {
+        let now = OffsetDateTime::now_utc();
+        let mut inner = self.lock();
+        if let Some(stored) = inner.records.get_mut(&record.id) {
+            if stored.expiry_date > now {
+                *stored = record.clone();
+            }
+        }
+        Ok(())
+    }
+
+    async fn load(&self, id: &Id) -> session_store::Result<Option<Record>> {
+        let now = OffsetDateTime::now_utc();
+        Ok(self
+            .lock()
+            .records
+            .get(id)
+            .filter(|r| r.expiry_date > now)
+            .cloned())
+    }
+
+    async fn delete(&self, id: &Id) -> session_store::Result<()> {
+        self.lock().records.remove(id);
+        Ok(())
+    }
+}
+
 /// The configured store: memory (default) or Redis.
 #[derive(Debug, Clone)]
 pub enum BffSessionStore {
-    Memory(MemoryStore),
+    Memory(MemorySessionStore),
     Redis(RedisSessionStore),
 }
 
@@ -108,11 +201,7 @@ impl SessionStore for BffSessionStore {
 
     async fn save(&self, record: &Record) -> session_store::Result<()> {
         match self {
-            // Same rule as Redis `XX`: never resurrect a deleted session.
-            Self::Memory(s) => match s.load(&record.id).await? {
-                Some(_) => s.save(record).await,
-                None => Ok(()),
-            },
+            Self::Memory(s) => s.save(record).await,
             Self::Redis(s) => s.save(record).await,
         }
     }

@@ -136,6 +136,45 @@ pub struct FakeUser {
     pub is_active: bool,
 }
 
+/// What both token endpoints answer instead of working (see [`FakeIdp::set_outage`]).
+#[derive(Clone, Debug)]
+pub enum Outage {
+    /// DRF's throttling: 429 `{"detail": "Request was throttled. ..."}` with `Retry-After`.
+    Throttled { retry_after_secs: u64 },
+    /// A 5xx page from whatever sits in front of Django (gunicorn, a load balancer).
+    ServerError(StatusCode),
+}
+
+/// Holds the answer of the next refresh (see [`FakeIdp::hold_next_refresh`]). Dropping the gate
+/// releases it, so a forgotten gate never wedges a test.
+pub struct RefreshGate {
+    inner: Arc<Gate>,
+}
+
+struct Gate {
+    released: tokio::sync::watch::Sender<bool>,
+    reached: tokio::sync::watch::Sender<bool>,
+}
+
+impl RefreshGate {
+    /// Lets the held refresh answer.
+    pub fn release(&self) {
+        self.inner.released.send_replace(true);
+    }
+
+    /// Resolves once the held refresh has rotated and blacklisted the token and is waiting.
+    pub async fn reached(&self) {
+        let mut rx = self.inner.reached.subscribe();
+        let _ = rx.wait_for(|reached| *reached).await;
+    }
+}
+
+impl Drop for RefreshGate {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// Who a request to a token endpoint came from, as the identity service sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeenRequest {
@@ -199,11 +238,13 @@ impl FakeIdp {
                 outstanding: HashMap::new(),
                 blacklisted: HashSet::new(),
                 refresh_delay: Duration::ZERO,
+                outage: None,
             }),
             token_calls: AtomicUsize::new(0),
             refresh_calls: AtomicUsize::new(0),
             jwks_calls: AtomicUsize::new(0),
             seen: Mutex::new(Vec::new()),
+            refresh_gate: Mutex::new(None),
         });
 
         let app = Router::new()
@@ -357,6 +398,28 @@ impl FakeIdp {
     pub fn set_refresh_delay(&self, d: Duration) {
         self.shared.lock().refresh_delay = d;
     }
+
+    /// The next refresh is processed on arrival (the token is rotated and blacklisted) and its
+    /// answer is held until the returned gate is released: the window in which a client that
+    /// goes away loses the only valid refresh token.
+    pub fn hold_next_refresh(&self) -> RefreshGate {
+        let inner = Arc::new(Gate {
+            released: tokio::sync::watch::channel(false).0,
+            reached: tokio::sync::watch::channel(false).0,
+        });
+        *self
+            .shared
+            .refresh_gate
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(inner.clone());
+        RefreshGate { inner }
+    }
+
+    /// Both token endpoints answer `outage` (counted, nothing processed, no token spent) until
+    /// set back to `None`.
+    pub fn set_outage(&self, outage: Option<Outage>) {
+        self.shared.lock().outage = outage;
+    }
 }
 
 impl Drop for FakeIdp {
@@ -384,6 +447,7 @@ struct Shared {
     refresh_calls: AtomicUsize,
     jwks_calls: AtomicUsize,
     seen: Mutex<Vec<SeenRequest>>,
+    refresh_gate: Mutex<Option<Arc<Gate>>>,
 }
 
 struct RsaKey {
@@ -401,6 +465,7 @@ struct IdpState {
     /// `BlacklistedToken`: jtis.
     blacklisted: HashSet<String>,
     refresh_delay: Duration,
+    outage: Option<Outage>,
 }
 
 enum Signing {
@@ -566,6 +631,9 @@ async fn obtain_pair(
 ) -> Response {
     shared.token_calls.fetch_add(1, Ordering::SeqCst);
     shared.record("/api/token/", &headers);
+    if let Some(outage) = shared.lock().outage.clone() {
+        return outage_response(&outage);
+    }
     let data = match parse_data(&headers, &body) {
         Ok(data) => data,
         Err((status, body)) => return drf_json(status, body),
@@ -613,13 +681,52 @@ async fn obtain_pair(
 async fn refresh(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     shared.refresh_calls.fetch_add(1, Ordering::SeqCst);
     shared.record("/api/token/refresh/", &headers);
+    if let Some(outage) = shared.lock().outage.clone() {
+        return outage_response(&outage);
+    }
     let response = refresh_now(&shared, &headers, &body);
     let delay = shared.lock().refresh_delay;
     if !delay.is_zero() {
         // Simulated latency, not synchronisation: see `FakeIdp::set_refresh_delay`.
         tokio::time::sleep(delay).await;
     }
+    let gate = shared
+        .refresh_gate
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(gate) = gate {
+        gate.reached.send_replace(true);
+        let mut released = gate.released.subscribe();
+        let _ = released.wait_for(|released| *released).await;
+    }
     response
+}
+
+fn outage_response(outage: &Outage) -> Response {
+    match outage {
+        Outage::Throttled { retry_after_secs } => {
+            let mut response = drf_json(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({ "detail": format!(
+                    "Request was throttled. Expected available in {retry_after_secs} seconds."
+                ) }),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            response
+        }
+        Outage::ServerError(status) => (
+            *status,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            )],
+            "<html><body><h1>Service Unavailable</h1></body></html>",
+        )
+            .into_response(),
+    }
 }
 
 fn refresh_now(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {

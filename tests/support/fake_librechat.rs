@@ -161,7 +161,8 @@ pub struct RecordedUpload {
     pub status: u16,
 }
 
-/// Holds the next generation before its last SSE frame until released (or until it is aborted).
+/// Holds a response until released: the next generation before its last SSE frame (or until it
+/// is aborted), or the answer of the next auth call (see [`FakeLibreChat::hold_next_auth`]).
 /// Dropping the gate releases it, so a forgotten gate never wedges a stream.
 pub struct StreamGate {
     inner: Arc<GateShared>,
@@ -173,7 +174,8 @@ impl StreamGate {
         self.inner.released.send_replace(true);
     }
 
-    /// Resolves once the held stream has sent everything but its last frame and is waiting.
+    /// Resolves once the held stream has sent everything but its last frame (or the held auth
+    /// call has done its work) and is waiting.
     pub async fn reached(&self) {
         let mut rx = self.inner.reached.subscribe();
         let _ = rx.wait_for(|reached| *reached).await;
@@ -183,6 +185,28 @@ impl StreamGate {
 impl Drop for StreamGate {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// An answer served instead of LibreChat's (see [`FakeLibreChat::answer_with`]).
+#[derive(Clone, Debug)]
+pub struct CannedAnswer {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl CannedAnswer {
+    /// What an nginx ingress answers for a path it has no route for.
+    pub fn ingress_404() -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            content_type: "text/html",
+            body: "<html>\r\n<head><title>404 Not Found</title></head>\r\n<body>\r\n\
+                   <center><h1>404 Not Found</h1></center>\r\n<hr><center>nginx</center>\r\n\
+                   </body>\r\n</html>\r\n"
+                .into(),
+        }
     }
 }
 
@@ -360,6 +384,28 @@ impl FakeLibreChat {
         StreamGate { inner }
     }
 
+    /// The next `POST` to `path` (`/api/auth/refresh` or `/api/auth/login`) does its work on
+    /// arrival (a refresh rotates the session's token, a login opens a session) and holds its
+    /// answer until the returned gate is released.
+    pub fn hold_next_auth(&self, path: &str) -> StreamGate {
+        let inner = Arc::new(GateShared {
+            released: watch::channel(false).0,
+            reached: watch::channel(false).0,
+        });
+        lock(&self.shared.auth_gates).insert(path.to_owned(), inner.clone());
+        StreamGate { inner }
+    }
+
+    /// Every request to `path` gets this canned answer instead of LibreChat's (still counted
+    /// and recorded), e.g. an ingress's HTML 404 for a misrouted call; `None` restores it.
+    pub fn answer_with(&self, path: &str, answer: Option<CannedAnswer>) {
+        let mut canned = lock(&self.shared.canned);
+        match answer {
+            Some(a) => canned.insert(path.to_owned(), a),
+            None => canned.remove(path),
+        };
+    }
+
     /// Every multipart upload that got past auth, ban, UA and upload-limiter checks, in order.
     pub fn uploads(&self) -> Vec<RecordedUpload> {
         lock(&self.shared.uploads).clone()
@@ -524,7 +570,24 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
     }
+    let path = req.uri().path().to_owned();
+    let canned = lock(&shared.canned).get(&path).cloned();
+    if let Some(canned) = canned {
+        let mut resp = Response::new(Body::from(canned.body));
+        *resp.status_mut() = canned.status;
+        set_header(resp.headers_mut(), "content-type", canned.content_type);
+        return resp;
+    }
+    let held = (req.method() == Method::POST)
+        .then(|| lock(&shared.auth_gates).remove(&path))
+        .flatten();
     let mut resp = dispatch(&shared, req, peer).await;
+    if let Some(gate) = held {
+        // The work is done (token rotated, session opened); only the answer waits.
+        gate.reached.send_replace(true);
+        let mut released = gate.released.subscribe();
+        let _ = released.wait_for(|released| *released).await;
+    }
     // Every recorded response carried these two.
     let headers = resp.headers_mut();
     headers.insert(
@@ -723,6 +786,10 @@ struct Shared {
     bans: Mutex<Bans>,
     jobs: Mutex<HashMap<String, Arc<Job>>>,
     pending_gate: Mutex<Option<Arc<GateShared>>>,
+    /// Auth answers to hold, by path (see `FakeLibreChat::hold_next_auth`).
+    auth_gates: Mutex<HashMap<String, Arc<GateShared>>>,
+    /// Canned answers, by path (see `FakeLibreChat::answer_with`).
+    canned: Mutex<HashMap<String, CannedAnswer>>,
     latency: Mutex<Duration>,
     requests: Mutex<Vec<RecordedRequest>>,
     uploads: Mutex<Vec<RecordedUpload>>,
@@ -747,6 +814,8 @@ impl Shared {
             bans: Mutex::new(Bans::default()),
             jobs: Mutex::new(HashMap::new()),
             pending_gate: Mutex::new(None),
+            auth_gates: Mutex::new(HashMap::new()),
+            canned: Mutex::new(HashMap::new()),
             latency: Mutex::new(Duration::ZERO),
             requests: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
