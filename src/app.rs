@@ -281,14 +281,7 @@ async fn method_not_allowed() -> error::ApiError {
 /// own answers (marked [`proxy::Proxied`]) pass as they are.
 async fn problem_shape(res: axum::response::Response) -> axum::response::Response {
     let status = res.status();
-    let is_json = res
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.starts_with("application/json") || ct.contains("+json")
-        });
+    let is_json = crate::extract::is_json(res.headers());
     if status.as_u16() < 400 || is_json || res.extensions().get::<proxy::Proxied>().is_some() {
         return res;
     }

@@ -51,6 +51,17 @@ impl FromRequest<AppState> for SmallBody {
     }
 }
 
+/// Whether the headers declare a JSON body (`application/json`, `…+json`).
+pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.starts_with("application/json") || ct.contains("+json")
+        })
+}
+
 /// Like `axum::Json`, but rejections are `{"error":"bad_request","message":...}`.
 pub struct JsonBody<T>(pub T);
 
@@ -58,15 +69,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| {
-                let ct = ct.to_ascii_lowercase();
-                ct.starts_with("application/json") || ct.contains("+json")
-            });
-        if !is_json {
+        if !is_json(req.headers()) {
             return Err(ApiError::BadRequest(
                 "Send a JSON body with Content-Type: application/json.".into(),
             ));

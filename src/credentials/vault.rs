@@ -102,6 +102,22 @@ pub enum EmailOwner {
     Other(String),
 }
 
+/// Replaces `key`'s value `old` with `new`; `false` when someone wrote it meanwhile.
+async fn compare_and_set(
+    conn: &mut redis::aio::ConnectionManager,
+    key: &str,
+    old: &str,
+    new: &str,
+) -> Result<bool, VaultError> {
+    let swapped: i64 = redis::Script::new(COMPARE_AND_SET)
+        .key(key)
+        .arg(old)
+        .arg(new)
+        .invoke_async(conn)
+        .await?;
+    Ok(swapped == 1)
+}
+
 fn encode(record: &CredentialRecord) -> Result<String, VaultError> {
     serde_json::to_string(record).map_err(|_| VaultError::Corrupt(record.user_id.clone()))
 }
@@ -206,13 +222,7 @@ impl CredentialVault {
             }
             record.updated_at = self.clock.now().unix_timestamp();
             let body = encode(&record)?;
-            let swapped: i64 = redis::Script::new(COMPARE_AND_SET)
-                .key(&key)
-                .arg(&raw)
-                .arg(&body)
-                .invoke_async(&mut conn)
-                .await?;
-            if swapped == 1 {
+            if compare_and_set(&mut conn, &key, &raw, &body).await? {
                 return Ok(Updated::Done(record));
             }
         }
@@ -474,13 +484,7 @@ impl CredentialVault {
                 record.password = self.keyring.encrypt(&plain);
                 let body = serde_json::to_string(&record)
                     .map_err(|_| VaultError::Corrupt(record.user_id.clone()))?;
-                let swapped: i64 = redis::Script::new(COMPARE_AND_SET)
-                    .key(&key)
-                    .arg(&raw)
-                    .arg(&body)
-                    .invoke_async(&mut conn)
-                    .await?;
-                if swapped == 1 {
+                if compare_and_set(&mut conn, &key, &raw, &body).await? {
                     report.rotated += 1;
                 } else {
                     // Rewritten meanwhile, by a writer that used the primary key.

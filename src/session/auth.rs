@@ -215,6 +215,24 @@ async fn refresh_deferred(
     now: i64,
     wait: u64,
 ) -> Result<(), ApiError> {
+    let Some(current) = unchanged_tokens(state, session, sid, data).await? else {
+        return Ok(());
+    };
+    if now < current.access_exp {
+        return Ok(());
+    }
+    Err(ApiError::IdentityThrottled(wait))
+}
+
+/// The session's stored tokens when they are still the generation `data` saw; `None` when
+/// another request (or replica) refreshed meanwhile, whose result `data` then adopts. No tokens
+/// at all: the session is over.
+async fn unchanged_tokens(
+    state: &AppState,
+    session: &Session,
+    sid: &str,
+    data: &mut SessionData,
+) -> Result<Option<IdentityTokenSet>, ApiError> {
     let Some(current) = state.sessions.tokens(sid).await? else {
         end_session(state, session, &data.user.id, sid).await;
         return Err(ApiError::SessionEnded);
@@ -222,12 +240,9 @@ async fn refresh_deferred(
     if current.generation != data.identity_generation {
         data.identity_exp = current.access_exp;
         data.identity_generation = current.generation;
-        return Ok(());
+        return Ok(None);
     }
-    if now < current.access_exp {
-        return Ok(());
-    }
-    Err(ApiError::IdentityThrottled(wait))
+    Ok(Some(current))
 }
 
 async fn refresh_locked(
@@ -238,16 +253,9 @@ async fn refresh_locked(
     data: &mut SessionData,
     now: i64,
 ) -> Result<(), ApiError> {
-    let Some(current) = state.sessions.tokens(sid).await? else {
-        end_session(state, session, &data.user.id, sid).await;
-        return Err(ApiError::SessionEnded);
-    };
-    if current.generation != data.identity_generation {
-        // Another request refreshed while we waited for the lock: adopt its result.
-        data.identity_exp = current.access_exp;
-        data.identity_generation = current.generation;
+    let Some(current) = unchanged_tokens(state, session, sid, data).await? else {
         return Ok(());
-    }
+    };
     let Some(refresh) = current.refresh.as_deref() else {
         // Handed over without a refresh token: the session lives as long as the access token.
         if now < current.access_exp {
