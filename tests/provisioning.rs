@@ -1068,3 +1068,34 @@ async fn small_bodies_that_never_finish_are_408_not_a_held_handler() {
         assert!(started.elapsed() < Duration::from_secs(5), "{path}");
     }
 }
+
+#[tokio::test]
+async fn a_deactivated_user_opens_no_new_session() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&settings(&[])).await;
+    w.user(&bff, 450).await;
+    let (status, _) = admin(
+        &bff,
+        reqwest::Method::POST,
+        "/admin/users/450/deactivate",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // The identity service still signs them in (its deactivation may lag, or its token live on).
+    let mut browser = bff.client();
+    let res = browser.login("user450", ID_PASSWORD).await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN, "{}", res.body);
+    assert_eq!(res.body["error"], "account_disabled");
+    assert!(browser.cookie.is_none());
+    let res = browser
+        .send(
+            reqwest::Method::POST,
+            "/auth/session",
+            None,
+            Some(&w.bearer(450)),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN, "{}", res.body);
+    assert!(browser.cookie.is_none());
+}
