@@ -5,6 +5,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY provisioning ./provisioning
+# A workspace member (the tests' harness): not built here, but cargo needs its manifest.
+COPY test-support ./test-support
 COPY src ./src
 COPY config ./config
 RUN cargo build --release --locked --bin librechat-bff

@@ -5,9 +5,6 @@
 //!
 //! Both against a real redis-server on an ephemeral port (started here).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;

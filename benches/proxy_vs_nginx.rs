@@ -4,9 +4,6 @@
 //! the fake LibreChat; nginx gets a LibreChat token injected so both do the same upstream work.
 //! Needs `nginx` and `wrk` (`apt-get install -y nginx-light wrk`).
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::{
     process::{Child, Command, Stdio},
     time::Duration,
@@ -25,16 +22,10 @@ use support::{
     fake_idp::{FakeIdp, FakeIdpOptions},
     fake_librechat::{FakeLibreChat, FakeLibreChatOptions},
     redis::RedisServer,
+    wait::free_port,
 };
 
 const UA: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 struct Killed(Child);
 impl Drop for Killed {

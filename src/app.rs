@@ -1,6 +1,7 @@
-//! The router: read top to bottom to see where a request goes.
+//! The router: read top to bottom to see where a request goes. Routes are grouped by who calls
+//! them; the layers below the routes run outermost-last (the list reads inside out).
 
-use std::{ops::Deref, sync::Arc, time::Duration};
+use std::time::Duration;
 
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
@@ -14,220 +15,40 @@ use tower_http::{
 };
 use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
+pub use crate::startup::{AppState, StartupError};
 use crate::{
-    admin,
-    clock::{Clock, SystemClock},
-    config::{Config, ConfigError, SessionStoreKind},
-    credentials::{vault::CredentialVault, CryptoError, KeyRing},
-    error, health,
-    identity::{IdentityClient, IdentityVerifier},
-    librechat::{service_account::ServiceAccount, LibreChatClient, TokenManager},
-    provision::Provisioner,
-    proxy::{self, Upstream},
-    redis_conn::RedisHandle,
-    session::{
-        self, csrf::CsrfPolicy, store::MemorySessionStore, BffSessionStore, RedisSessionStore,
-        SessionRegistry,
-    },
-    telemetry::{self, metrics::Metrics},
-    throttle::LoginThrottle,
+    admin, error, probes, proxy,
+    session::{self, csrf::CsrfPolicy, BffSessionStore},
+    telemetry,
 };
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartupError {
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    #[error("fernet key ring: {0}")]
-    Crypto(#[from] CryptoError),
-}
-
-/// Everything a request handler may need, built once at start-up.
-pub struct AppInner {
-    pub config: Config,
-    pub clock: Arc<dyn Clock>,
-    pub keyring: Arc<KeyRing>,
-    pub verifier: IdentityVerifier,
-    pub identity: IdentityClient,
-    pub sessions: SessionRegistry,
-    pub csrf: CsrfPolicy,
-    /// Redis: credentials, LibreChat logins, locks, jobs — and sessions when configured.
-    pub redis: RedisHandle,
-    pub vault: CredentialVault,
-    pub tokens: TokenManager,
-    pub upstream: Upstream,
-    pub provisioner: Provisioner,
-    pub metrics: Arc<Metrics>,
-    pub trusted_proxies: Vec<ipnet::IpNet>,
-    pub browser_user_agent: HeaderValue,
-    /// Failed sign-ins per address and per account (Redis when sessions are, else memory).
-    pub login_throttle: LoginThrottle,
-    /// Tasks that live as long as the state (ended when it is dropped).
-    background: Vec<tokio::task::AbortHandle>,
-}
-
-impl Drop for AppInner {
-    fn drop(&mut self) {
-        for task in &self.background {
-            task.abort();
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct AppState(Arc<AppInner>);
-
-impl Deref for AppState {
-    type Target = AppInner;
-    fn deref(&self) -> &AppInner {
-        &self.0
-    }
-}
-
-impl AppState {
-    pub fn new(config: Config) -> Result<Self, StartupError> {
-        Self::with_clock(config, Arc::new(SystemClock))
-    }
-
-    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
-        let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
-        let metrics = Arc::new(Metrics::new());
-        let http = IdentityClient::http_client(&config.identity);
-        let verifier = IdentityVerifier::with_clock(
-            &config.identity.jwt,
-            &config.identity.claims,
-            http.clone(),
-            clock.clone(),
-        )?;
-        let identity = IdentityClient::new(&config.identity, http);
-        let redis = RedisHandle::new(config.redis.url.expose(), &config.redis.key_prefix)?;
-        let runtime = tokio::runtime::Handle::try_current().is_ok();
-        // Connecting never blocks start-up or a request (see src/redis_conn.rs).
-        if runtime {
-            redis.connect_in_background();
-        }
-        let mut background = Vec::new();
-        let store = match config.session.store {
-            SessionStoreKind::Redis => {
-                BffSessionStore::Redis(RedisSessionStore::new(redis.clone()))
-            }
-            SessionStoreKind::Memory => {
-                let store = MemorySessionStore::default();
-                // Abandoned sessions expire; this deletes them (Redis does it by itself).
-                if runtime {
-                    background.push(spawn_session_cleanup(
-                        store.clone(),
-                        Duration::from_secs(config.session.memory_cleanup_interval_secs),
-                    ));
-                }
-                BffSessionStore::Memory(store)
-            }
-        };
-        let sessions = SessionRegistry::new(store, redis.clone(), keyring.clone());
-        let vault = CredentialVault::new(redis.clone(), keyring.clone(), clock.clone());
-        let tokens = TokenManager::new(
-            LibreChatClient::new(&config.librechat),
-            vault.clone(),
-            redis.clone(),
-            keyring.clone(),
-            clock.clone(),
-            Duration::from_secs(config.librechat.token_refresh_skew_secs),
-            metrics.clone(),
-        );
-        // Revocations published by any replica reach this one's token cache within moments.
-        if runtime {
-            background.push(tokens.listen_for_revocations().abort_handle());
-        }
-        let upstream =
-            Upstream::new(&config.librechat)?.with_csrf_header(&config.csrf.header_name)?;
-        let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
-            .map_err(|_| ConfigError::Invalid {
-                key: "librechat.browser_user_agent".into(),
-                reason: "not a header value".into(),
-            })?;
-        let service_account = Arc::new(ServiceAccount::new(
-            redis.clone(),
-            keyring.clone(),
-            vault.clone(),
-            &config.provisioning.service_account_email,
-        ));
-        let provisioner = Provisioner::new(
-            &config,
-            redis.clone(),
-            vault.clone(),
-            LibreChatClient::new(&config.librechat),
-            browser_user_agent.clone(),
-            metrics.clone(),
-            service_account,
-        );
-        let csrf = CsrfPolicy::new(&config.csrf);
-        let trusted_proxies = config.trusted_proxies()?;
-        let login_throttle = LoginThrottle::new(
-            &config.login_throttle,
-            config.session.store,
-            redis.clone(),
-            clock.clone(),
-        );
-        Ok(Self(Arc::new(AppInner {
-            config,
-            clock,
-            keyring,
-            verifier,
-            identity,
-            sessions,
-            csrf,
-            redis,
-            vault,
-            tokens,
-            upstream,
-            provisioner,
-            metrics,
-            trusted_proxies,
-            browser_user_agent,
-            login_throttle,
-            background,
-        })))
-    }
-}
-
-/// Deletes expired in-memory sessions every `every`.
-fn spawn_session_cleanup(store: MemorySessionStore, every: Duration) -> tokio::task::AbortHandle {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            let deleted = store.delete_expired();
-            if deleted > 0 {
-                tracing::debug!(deleted, left = store.len(), "expired sessions deleted");
-            }
-        }
-    })
-    .abort_handle()
-}
 
 pub fn router(state: AppState) -> Router {
     // Serving: a request never waits for Redis to connect (503 meanwhile).
     state.redis.fail_fast();
-    let mut app = Router::new()
-        // Liveness and readiness.
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        // Sign-in, sign-out and the current user (src/session/routes.rs).
-        .route("/auth/login", post(session::routes::login))
-        .route("/auth/session", post(session::routes::exchange))
-        .route("/auth/logout", post(session::routes::logout))
-        .route("/auth/me", get(session::routes::me))
-        // Operations (src/admin/): provisioning, jobs, session revocation; identity webhook.
+    // Operators only: the whole group sits behind one guard (src/admin/mod.rs).
+    let ops = Router::new()
         .route("/admin/users", post(admin::add_user))
         .route("/admin/users/{id}", get(admin::show_user))
         .route("/admin/users/{id}/sessions", delete(admin::revoke_sessions))
         .route("/admin/users/{id}/deactivate", post(admin::deactivate_user))
         .route("/admin/jobs", get(admin::list_jobs))
         .route("/admin/jobs/{id}/retry", post(admin::retry_job))
-        .route("/hooks/users", post(admin::hooks::users))
-        // The product: LibreChat's /api/* as the signed-in user (src/proxy/mod.rs). Only these
-        // methods are forwarded (GET covers HEAD); TRACE, CONNECT, WebDAV's... answer 405.
+        .route_layer(middleware::from_fn_with_state(
+            state.ops.clone(),
+            admin::require_operator,
+        ));
+    let mut app = Router::new()
+        // Probes (src/probes.rs).
+        .route("/healthz", get(probes::healthz))
+        .route("/readyz", get(probes::readyz))
+        // The web app: sign-in, sign-out, who am I (src/session/routes.rs); mobile apps may
+        // call /auth/me with their identity JWT too.
+        .route("/auth/login", post(session::routes::login))
+        .route("/auth/session", post(session::routes::exchange))
+        .route("/auth/logout", post(session::routes::logout))
+        .route("/auth/me", get(session::routes::me))
+        // Web (cookie) and mobile (Bearer): LibreChat's /api/* as the signed-in user
+        // (src/proxy/mod.rs). Only these methods are forwarded (GET covers HEAD).
         .route(
             "/api/chat/{*path}",
             get(proxy::forward)
@@ -237,22 +58,25 @@ pub fn router(state: AppState) -> Router {
                 .delete(proxy::forward)
                 .options(proxy::forward),
         )
+        // Ops: the admin API (above) and the identity service's signed webhook.
+        .merge(ops)
+        .route("/hooks/users", post(admin::hooks::users))
         // Anything else: JSON 404.
         .fallback(error::not_found);
     if state.config.telemetry.metrics_on_main_listener {
-        app = app.route("/metrics", get(health::metrics));
+        app = app.route("/metrics", get(probes::metrics));
     }
     app
         // A known route, another method: JSON 405 (axum adds `Allow`). After every route.
         .method_not_allowed_fallback(method_not_allowed)
         // Cookie sessions (loaded lazily: only routes that read the session touch the store).
         .layer(session_layer(&state))
-        .layer(cors_layer(&state.csrf, &state.config.csrf.header_name))
+        .layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
         // Any error the BFF answers itself (axum's rejections too) in the JSON problem shape.
         .layer(middleware::map_response(problem_shape))
         // Request id, log span and request metrics for everything above.
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            state.metrics.clone(),
             telemetry::middleware::observe,
         ))
         .layer(CatchPanicLayer::custom(|_| {
@@ -264,7 +88,7 @@ pub fn router(state: AppState) -> Router {
 /// The metrics-only router for `telemetry.metrics_addr`.
 pub fn metrics_router(state: AppState) -> Router {
     Router::new()
-        .route("/metrics", get(health::metrics))
+        .route("/metrics", get(probes::metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::map_response(problem_shape))

@@ -2,6 +2,7 @@
 //! environment variables. Unknown keys are errors; secrets may come from `*_file` paths and never
 //! print (see [`Secret`]).
 
+use jsonwebtoken::Algorithm;
 use std::{fmt, net::SocketAddr, path::Path};
 
 use ipnet::IpNet;
@@ -476,7 +477,7 @@ impl Config {
         if id.timeout_secs == 0 {
             return Err(invalid("identity.timeout_secs", "must be > 0"));
         }
-        crate::identity::verifier::parse_algorithms(&id.jwt)?;
+        parse_algorithms(&id.jwt)?;
         if id.jwt.jwks_max_age_secs == 0 {
             return Err(invalid("identity.jwt.jwks_max_age_secs", "must be > 0"));
         }
@@ -620,7 +621,7 @@ impl Config {
             }
         }
         if http::HeaderValue::from_str(&lc.browser_user_agent).is_err()
-            || !crate::client::is_browser_user_agent(&lc.browser_user_agent)
+            || !crate::end_user::is_browser_user_agent(&lc.browser_user_agent)
         {
             return Err(invalid(
                 "librechat.browser_user_agent",
@@ -690,4 +691,71 @@ fn read_secret_file(key: &str, path: &str) -> Result<String, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| invalid(key, format!("cannot read {path}: {e}")))?;
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+/// The key family of a JWT algorithm: one family per configuration (no HS/RS confusion).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Hmac,
+    Rsa,
+    Ec,
+}
+
+pub fn family(alg: Algorithm) -> Option<Family> {
+    use Algorithm::*;
+    match alg {
+        HS256 | HS384 | HS512 => Some(Family::Hmac),
+        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Some(Family::Rsa),
+        ES256 | ES384 => Some(Family::Ec),
+        _ => None,
+    }
+}
+
+/// Parses `identity.jwt.algorithms` and checks that the key material fits them.
+pub fn parse_algorithms(cfg: &JwtConfig) -> Result<Vec<Algorithm>, ConfigError> {
+    let bad = |reason: String| ConfigError::Invalid {
+        key: "identity.jwt.algorithms".into(),
+        reason,
+    };
+    if cfg.algorithms.is_empty() {
+        return Err(bad("name at least one algorithm".into()));
+    }
+    let mut algs = Vec::new();
+    for name in &cfg.algorithms {
+        let alg: Algorithm = name
+            .to_ascii_uppercase()
+            .parse()
+            .map_err(|_| bad(format!("`{name}` is not a JWT algorithm")))?;
+        if family(alg).is_none() {
+            return Err(bad(format!("`{name}` is not supported")));
+        }
+        algs.push(alg);
+    }
+    let hmac = algs.iter().any(|a| family(*a) == Some(Family::Hmac));
+    let asym = algs.iter().any(|a| family(*a) != Some(Family::Hmac));
+    if hmac && asym {
+        return Err(bad(
+            "HS* cannot be mixed with RS*/ES*/PS* (that invites key confusion)".into(),
+        ));
+    }
+    if asym && cfg.public_key_pem_file.is_empty() && cfg.jwks_url.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "identity.jwt.jwks_url".into(),
+            reason: "RS*/ES*/PS* need identity.jwt.jwks_url or identity.jwt.public_key_pem_file"
+                .into(),
+        });
+    }
+    if asym && !cfg.public_key_pem_file.is_empty() && !cfg.jwks_url.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "identity.jwt.jwks_url".into(),
+            reason: "set either jwks_url or public_key_pem_file, not both".into(),
+        });
+    }
+    if !cfg.jwks_url.is_empty() && url::Url::parse(&cfg.jwks_url).is_err() {
+        return Err(ConfigError::Invalid {
+            key: "identity.jwt.jwks_url".into(),
+            reason: "not a URL".into(),
+        });
+    }
+    Ok(algs)
 }

@@ -10,14 +10,12 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::identity::{client::IdentityClientError, verifier::VerifyError};
-
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("authentication required")]
     Unauthenticated,
     #[error("the identity token was rejected: {0}")]
-    InvalidToken(#[source] VerifyError),
+    InvalidToken(String),
     #[error("the session has ended")]
     SessionEnded,
     #[error("the email/username or password is wrong")]
@@ -279,42 +277,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<VerifyError> for ApiError {
-    fn from(e: VerifyError) -> Self {
-        match e {
-            VerifyError::KeysUnavailable {
-                retry_after_secs, ..
-            } => Self::IdentityKeysUnavailable(retry_after_secs),
-            other => Self::InvalidToken(other),
-        }
-    }
-}
-
-impl From<IdentityClientError> for ApiError {
-    fn from(e: IdentityClientError) -> Self {
-        match e {
-            IdentityClientError::Rejected => Self::BadCredentials,
-            IdentityClientError::Throttled { retry_after } => {
-                Self::IdentityThrottled(retry_after.as_secs().max(1))
-            }
-            IdentityClientError::Token(v) => Self::from(v),
-            IdentityClientError::Unavailable(_) | IdentityClientError::BadResponse(_) => {
-                Self::IdentityUnavailable
-            }
-        }
-    }
-}
-
-impl From<crate::session::SessionError> for ApiError {
-    fn from(e: crate::session::SessionError) -> Self {
-        use crate::session::SessionError as E;
-        match e {
-            E::StoreUnavailable(_) => Self::SessionStoreUnavailable,
-            E::Crypto(_) | E::Corrupt(_) => Self::SessionEnded,
-        }
-    }
-}
-
 impl From<crate::librechat::TokenError> for ApiError {
     fn from(e: crate::librechat::TokenError) -> Self {
         use crate::librechat::TokenError as E;
@@ -333,19 +295,6 @@ impl From<crate::librechat::TokenError> for ApiError {
             }
             E::Store(m) => {
                 tracing::warn!(error = %m, "store unavailable");
-                Self::SessionStoreUnavailable
-            }
-        }
-    }
-}
-
-impl From<crate::throttle::ThrottleError> for ApiError {
-    fn from(e: crate::throttle::ThrottleError) -> Self {
-        use crate::throttle::ThrottleError as E;
-        match e {
-            E::Throttled(secs) => Self::LoginThrottled(secs),
-            E::Store(m) => {
-                tracing::warn!(error = %m, "login throttle store unavailable");
                 Self::SessionStoreUnavailable
             }
         }

@@ -2,12 +2,12 @@
 
 use axum::{
     body::Bytes,
-    extract::{FromRequest, Request},
+    extract::{FromRef, FromRequest, Request},
     http::header,
 };
 use serde::de::DeserializeOwned;
 
-use crate::{app::AppState, error::ApiError};
+use crate::error::ApiError;
 
 /// Largest JSON body an `/auth` or admin route reads.
 const MAX_JSON_BODY: usize = 64 * 1024;
@@ -32,20 +32,25 @@ pub async fn read_small_body(
     }
 }
 
-/// How long a small body may take to arrive in all: `server.request_body_idle_timeout_secs`.
-fn small_body_deadline(state: &AppState) -> std::time::Duration {
-    std::time::Duration::from_secs(state.config.server.request_body_idle_timeout_secs)
-}
+/// How long a small body may take to arrive in all (`server.request_body_idle_timeout_secs`);
+/// the extractors below read it from the router's state.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
 
 /// The raw body of a small request (webhooks: the signature covers the exact bytes), bounded in
 /// size and time like [`JsonBody`].
 pub struct SmallBody(pub Bytes);
 
-impl FromRequest<AppState> for SmallBody {
+impl<S> FromRequest<S> for SmallBody
+where
+    S: Send + Sync,
+    BodyDeadline: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        read_small_body(req, MAX_JSON_BODY, small_body_deadline(state))
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let BodyDeadline(deadline) = BodyDeadline::from_ref(state);
+        read_small_body(req, MAX_JSON_BODY, deadline)
             .await
             .map(SmallBody)
     }
@@ -65,16 +70,22 @@ pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
 /// Like `axum::Json`, but rejections are `{"error":"bad_request","message":...}`.
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+    BodyDeadline: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         if !is_json(req.headers()) {
             return Err(ApiError::BadRequest(
                 "Send a JSON body with Content-Type: application/json.".into(),
             ));
         }
-        let body = read_small_body(req, MAX_JSON_BODY, small_body_deadline(state)).await?;
+        let BodyDeadline(deadline) = BodyDeadline::from_ref(state);
+        let body = read_small_body(req, MAX_JSON_BODY, deadline).await?;
         parse_json(&body).map(JsonBody)
     }
 }

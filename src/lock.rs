@@ -9,9 +9,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak},
+    sync::{Arc, LazyLock, Mutex, Weak},
     time::Duration,
 };
+
+use redis::Script;
 
 use tokio::{
     sync::{Mutex as AsyncMutex, OwnedMutexGuard},
@@ -85,8 +87,18 @@ impl std::fmt::Debug for RedisLock {
     }
 }
 
-const RELEASE: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"#;
-const EXTEND: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"#;
+/// Deletes the lock only while it is the caller's (built once: its SHA1 is not recomputed per call).
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end"#,
+    )
+});
+/// Extends the lock's TTL only while it is the caller's.
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end"#,
+    )
+});
 
 impl RedisLock {
     /// Waits up to `wait` for the lock `key`, which expires after `ttl` once its holder stops
@@ -165,11 +177,7 @@ impl Drop for RedisLock {
 async fn release(redis: &RedisHandle, key: &str, token: &str) {
     let released = async {
         let mut conn = redis.conn().await?;
-        let deleted: i64 = redis::Script::new(RELEASE)
-            .key(key)
-            .arg(token)
-            .invoke_async(&mut conn)
-            .await?;
+        let deleted: i64 = RELEASE.key(key).arg(token).invoke_async(&mut conn).await?;
         Ok::<_, redis::RedisError>(deleted)
     }
     .await;
@@ -191,7 +199,7 @@ async fn keep_alive(redis: RedisHandle, key: String, token: String, ttl: Duratio
         }
         let extended = async {
             let mut conn = redis.conn().await?;
-            let extended: i64 = redis::Script::new(EXTEND)
+            let extended: i64 = EXTEND
                 .key(&key)
                 .arg(&token)
                 .arg(ttl.as_millis() as u64)

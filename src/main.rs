@@ -230,7 +230,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
             name,
         } => {
             let (job, created) = ops::add_user(
-                &state,
+                &state.ops,
                 ops::NewUser {
                     user_id,
                     email,
@@ -252,7 +252,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
         UsersCommand::Import { file } => {
             let input = std::fs::File::open(&file)
                 .map_err(|e| format!("cannot open {}: {e}", file.display()))?;
-            let report = ops::import_csv(&state, input).await?;
+            let report = ops::import_csv(&state.ops, input).await?;
             println!(
                 "import: {} migrated (ready), {} enqueued, {} already queued, {} rejected",
                 report.migrated,
@@ -267,7 +267,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
                 return Ok(ExitCode::FAILURE);
             }
         }
-        UsersCommand::Show { user_id } => match ops::user_status(&state, &user_id).await? {
+        UsersCommand::Show { user_id } => match ops::user_status(&state.ops, &user_id).await? {
             Some(v) => print_json(&v),
             None => {
                 eprintln!("no user {user_id:?}: no credential and no job");
@@ -276,7 +276,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
         },
         UsersCommand::Deactivate { user_id } => {
             print_json(
-                &ops::deactivate(&state, &user_id, "deactivated by an operator (CLI)").await?,
+                &ops::deactivate(&state.ops, &user_id, "deactivated by an operator (CLI)").await?,
             );
         }
         UsersCommand::Retry { user_id } => {
@@ -285,7 +285,7 @@ async fn users(config_file: Option<PathBuf>, command: UsersCommand) -> CliResult
                 return Ok(ExitCode::FAILURE);
             };
             let (job, _) = ops::add_user(
-                &state,
+                &state.ops,
                 ops::NewUser {
                     user_id,
                     email: record.email,

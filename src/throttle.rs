@@ -388,6 +388,19 @@ impl MemoryCounters {
     }
 }
 
+impl From<ThrottleError> for crate::error::ApiError {
+    fn from(e: ThrottleError) -> Self {
+        use ThrottleError as E;
+        match e {
+            E::Throttled(secs) => crate::error::ApiError::LoginThrottled(secs),
+            E::Store(m) => {
+                tracing::warn!(error = %m, "login throttle store unavailable");
+                crate::error::ApiError::SessionStoreUnavailable
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,6 @@
 //! trace level for our crates and the HTTP/session libraries) and searches it for every secret
 //! the run handled. Its own binary, because the capturing subscriber is process-global.
 
-mod support;
-
 use std::{
     io::Write,
     sync::{Arc, Mutex},

@@ -2,8 +2,6 @@
 //! measurement sees no other test's memory; the other tests here take [`ALONE`] so they never
 //! run beside it.
 
-mod support;
-
 use std::time::Duration;
 
 use reqwest::{header, StatusCode};

@@ -6,6 +6,7 @@
 //! implements.
 
 pub mod queue;
+mod scripts;
 pub mod worker;
 pub mod workflow;
 

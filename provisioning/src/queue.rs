@@ -19,6 +19,9 @@
 //! `P` is `{<prefix>:prov}`: one hash tag, so every multi-key script stays in one Redis Cluster
 //! slot. Acked entries are deleted from the stream and finished jobs expire: nothing grows
 //! without bound. Durability across a Redis restart is Redis's: run it with `appendonly yes`.
+//!
+//! The Lua scripts that make each state change atomic are in `scripts.rs`; this module decides
+//! when to run them.
 
 use std::time::Duration;
 
@@ -27,9 +30,11 @@ use std::sync::Arc;
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply},
-    AsyncCommands, AsyncConnectionConfig, Script,
+    AsyncCommands, AsyncConnectionConfig,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::scripts;
 
 pub const GROUP: &str = "workers";
 
@@ -193,174 +198,6 @@ impl std::fmt::Debug for JobQueue {
     }
 }
 
-const ENQUEUE: &str = r#"
-local active = redis.call('GET', KEYS[1])
-if active then return {0, active} end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[2])
-redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
-return {1, ARGV[1]}
-"#;
-
-/// A job withdrawn (cancelled) while a worker ran it keeps that state: the outcome scripts only
-/// acknowledge the delivery then.
-const WITHDRAWN: &str = r#"
-local function withdrawn(job_key)
-  local raw = redis.call('GET', job_key)
-  if not raw then return false end
-  return cjson.decode(raw)['state'] == 'cancelled'
-end
-"#;
-
-/// Whether `consumer` holds `entry` in the group's pending list: the fence of every change a
-/// delivery's holder makes.
-const OWNS: &str = r#"
-local function owns(stream, group, entry, consumer)
-  return #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) > 0
-end
-"#;
-
-// The outcome scripts answer 1 (recorded), 0 (the job was withdrawn: only acknowledged) or -1
-// (the caller no longer holds the entry: nothing changed).
-
-// KEYS: stream, job, user, done. ARGV: entry, group, json, id, keep_done, ttl_secs, consumer
-const COMPLETE: &str = r#"
-if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[7]) then return -1 end
-redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-if withdrawn(KEYS[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[6])
-if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
-redis.call('LPUSH', KEYS[4], ARGV[4])
-redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[5]) - 1)
-return 1
-"#;
-
-// KEYS: stream, job, delayed. ARGV: entry, group, json, id, due, consumer
-const DELAY: &str = r#"
-if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[6]) then return -1 end
-redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-if withdrawn(KEYS[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
-return 1
-"#;
-
-// KEYS: stream, job, dead, user. ARGV: entry, group, json, id, reason, at, ttl_secs, consumer
-const BURY: &str = r#"
-if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[8]) then return -1 end
-redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
-if withdrawn(KEYS[2]) then return 0 end
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[7])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', 10000, '*', 'job', ARGV[4], 'reason', ARGV[5], 'at', ARGV[6])
-if redis.call('GET', KEYS[4]) == ARGV[4] then redis.call('DEL', KEYS[4]) end
-return 1
-"#;
-
-// Marks the job of a fresh delivery running, atomically (a cancel in between is never
-// overwritten); a finished or vanished job's entry is dropped instead. Returns the job (JSON) or
-// nil. KEYS: stream, job. ARGV: entry, group, consumer, now
-const DELIVER: &str = r#"
-if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return false end
-local raw = redis.call('GET', KEYS[2])
-local job = raw and cjson.decode(raw)
-local state = job and job['state']
-if state ~= 'pending' and state ~= 'running' and state ~= 'delayed' then
-  redis.call('XACK', KEYS[1], ARGV[2], ARGV[1])
-  redis.call('XDEL', KEYS[1], ARGV[1])
-  return false
-end
-job['state'] = 'running'
-job['updated_at'] = tonumber(ARGV[4])
-local json = cjson.encode(job)
-redis.call('SET', KEYS[2], json)
-return json
-"#;
-
-// Resets the entry's idle time, only while `consumer` holds it (a worker that lost its delivery
-// never takes it back). JUSTID: the delivery count is not incremented.
-// KEYS: stream. ARGV: entry, group, consumer
-const RENEW: &str = r#"
-if not owns(KEYS[1], ARGV[2], ARGV[1], ARGV[3]) then return 0 end
-redis.call('XCLAIM', KEYS[1], ARGV[2], ARGV[3], 0, ARGV[1], 'JUSTID')
-return 1
-"#;
-
-// Deletes the consumer if it holds no pending entries (DELCONSUMER would drop them).
-// KEYS: stream. ARGV: group, consumer
-const RELEASE_CONSUMER: &str = r#"
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
-redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"#;
-
-// Deletes consumers holding nothing that have been idle longer than ARGV[2] ms; returns their
-// names. KEYS: stream. ARGV: group, min_idle_ms
-const DELETE_IDLE_CONSUMERS: &str = r#"
-local deleted = {}
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[2]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    table.insert(deleted, f['name'])
-  end
-end
-return deleted
-"#;
-
-// KEYS: delayed, stream, job. ARGV: id
-const PROMOTE: &str = r#"
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-local raw = redis.call('GET', KEYS[3])
-if not raw then return 0 end
-local job = cjson.decode(raw)
-if job['state'] ~= 'delayed' then return 0 end
-job['state'] = 'pending'
-redis.call('SET', KEYS[3], cjson.encode(job))
-redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
-return 1
-"#;
-
-// KEYS: job, user, stream. ARGV: id, json
-const REQUEUE: &str = r#"
-local active = redis.call('GET', KEYS[2])
-if active and active ~= ARGV[1] then return {0, active} end
-redis.call('SET', KEYS[2], ARGV[1])
-redis.call('SET', KEYS[1], ARGV[2])
-redis.call('PERSIST', KEYS[1])
-redis.call('XADD', KEYS[3], '*', 'job', ARGV[1])
-return {1, ARGV[1]}
-"#;
-
-// KEYS: user, job, delayed. ARGV: id, reason, now, ttl_secs
-const CANCEL: &str = r#"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-local raw = redis.call('GET', KEYS[2])
-if not raw then return 1 end
-local job = cjson.decode(raw)
-job['state'] = 'cancelled'
-job['last_error'] = ARGV[2]
-job['updated_at'] = tonumber(ARGV[3])
-job['next_run_at'] = cjson.null
-redis.call('SET', KEYS[2], cjson.encode(job), 'EX', ARGV[4])
-return 1
-"#;
-
-/// An outcome script with the [`WITHDRAWN`] and [`OWNS`] checks available.
-fn outcome_script(body: &str) -> Script {
-    Script::new(&format!("{WITHDRAWN}\n{OWNS}\n{body}"))
-}
-
-/// A script with the [`OWNS`] check available.
-fn owner_script(body: &str) -> Script {
-    Script::new(&format!("{OWNS}\n{body}"))
-}
-
 fn is_nogroup(e: &redis::RedisError) -> bool {
     e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
@@ -476,7 +313,7 @@ impl JobQueue {
         };
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(id.clone()))?;
         let mut conn = self.conn().await?;
-        let (created, job_id): (i64, String) = Script::new(ENQUEUE)
+        let (created, job_id): (i64, String) = scripts::ENQUEUE
             .key(self.user_key(&job.request.user_id))
             .key(self.job_key(&id))
             .key(self.stream())
@@ -620,7 +457,7 @@ impl JobQueue {
                 .await?;
             return Ok(None);
         };
-        let raw: Option<String> = owner_script(DELIVER)
+        let raw: Option<String> = scripts::DELIVER
             .key(self.stream())
             .key(self.job_key(&id))
             .arg(&entry_id)
@@ -645,7 +482,7 @@ impl JobQueue {
     /// took it over, or it was finished); nothing was changed.
     pub async fn renew(&self, d: &Delivery) -> Result<bool, QueueError> {
         let mut conn = self.conn().await?;
-        let renewed: i64 = owner_script(RENEW)
+        let renewed: i64 = scripts::RENEW
             .key(self.stream())
             .arg(&d.entry_id)
             .arg(GROUP)
@@ -667,7 +504,7 @@ impl JobQueue {
     /// own). Returns whether it was deleted.
     pub async fn release_consumer(&self, consumer: &str) -> Result<bool, QueueError> {
         let mut conn = self.conn().await?;
-        let released: i64 = Script::new(RELEASE_CONSUMER)
+        let released: i64 = scripts::RELEASE_CONSUMER
             .key(self.stream())
             .arg(GROUP)
             .arg(consumer)
@@ -683,7 +520,7 @@ impl JobQueue {
         idle_for: Duration,
     ) -> Result<Vec<String>, QueueError> {
         let mut conn = self.conn().await?;
-        let deleted: redis::RedisResult<Vec<String>> = Script::new(DELETE_IDLE_CONSUMERS)
+        let deleted: redis::RedisResult<Vec<String>> = scripts::DELETE_IDLE_CONSUMERS
             .key(self.stream())
             .arg(GROUP)
             .arg(idle_for.as_millis() as u64)
@@ -719,7 +556,7 @@ impl JobQueue {
             .await?;
         let mut moved = 0;
         for id in due {
-            let n: i64 = Script::new(PROMOTE)
+            let n: i64 = scripts::PROMOTE
                 .key(self.delayed())
                 .key(self.stream())
                 .key(self.job_key(&id))
@@ -740,7 +577,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let answer: i64 = outcome_script(COMPLETE)
+        let answer: i64 = scripts::COMPLETE
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.user_key(&job.request.user_id))
@@ -784,7 +621,7 @@ impl JobQueue {
         job.next_run_at = Some((due_ms / 1000) as i64);
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let answer: i64 = outcome_script(DELAY)
+        let answer: i64 = scripts::DELAY
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.delayed())
@@ -824,7 +661,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let answer: i64 = outcome_script(BURY)
+        let answer: i64 = scripts::BURY
             .key(self.stream())
             .key(self.job_key(&job.id))
             .key(self.dead())
@@ -857,7 +694,7 @@ impl JobQueue {
             return Ok(None);
         };
         let mut conn = self.conn().await?;
-        let cancelled: i64 = Script::new(CANCEL)
+        let cancelled: i64 = scripts::CANCEL
             .key(self.user_key(user_id))
             .key(self.job_key(&id))
             .key(self.delayed())
@@ -886,7 +723,7 @@ impl JobQueue {
         job.next_run_at = None;
         let json = serde_json::to_string(&job).map_err(|_| QueueError::Corrupt(job.id.clone()))?;
         let mut conn = self.conn().await?;
-        let (_, active): (i64, String) = Script::new(REQUEUE)
+        let (_, active): (i64, String) = scripts::REQUEUE
             .key(self.job_key(&job.id))
             .key(self.user_key(&job.request.user_id))
             .key(self.stream())

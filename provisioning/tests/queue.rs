@@ -3,10 +3,6 @@
 //! Every test waits for what it expects by polling with a deadline, never by sleeping a fixed
 //! time and hoping.
 
-#[allow(dead_code)]
-#[path = "../../tests/support/redis.rs"]
-mod redis_harness;
-
 use std::{
     collections::HashMap,
     future::Future,
@@ -27,7 +23,7 @@ use redis::{
     streams::{StreamPendingCountReply, StreamPendingReply},
     AsyncCommands,
 };
-use redis_harness::RedisServer;
+use support::redis::RedisServer;
 use tokio::{
     sync::{watch, Notify},
     task::JoinHandle,

@@ -15,9 +15,13 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::Sha256;
 
-use super::ops::{self, NewUser};
+use std::sync::Arc;
+
+use super::{
+    ops::{self, NewUser},
+    Ops,
+};
 use crate::{
-    app::AppState,
     error::ApiError,
     extract::{parse_json, SmallBody},
 };
@@ -51,14 +55,14 @@ pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 }
 
 /// Checks signature and freshness; returns the signed timestamp.
-fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<i64, ApiError> {
-    let secret = state.config.hooks.secret.expose().as_bytes();
+fn verify(state: &Ops, headers: &HeaderMap, body: &[u8]) -> Result<i64, ApiError> {
+    let secret = state.hooks_cfg.secret.expose().as_bytes();
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let timestamp: i64 = header("x-bff-timestamp")
         .and_then(|t| t.trim().parse().ok())
         .ok_or(ApiError::HookSignature)?;
     let now = state.clock.now().unix_timestamp();
-    if (now - timestamp).unsigned_abs() > state.config.hooks.tolerance_secs {
+    if (now - timestamp).unsigned_abs() > state.hooks_cfg.tolerance_secs {
         return Err(ApiError::HookSignature);
     }
     let presented = header("x-bff-signature")
@@ -78,17 +82,22 @@ fn verify(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<i64, Api
 /// Each signed event is acted on once, and never after a newer one for the same user: within
 /// the tolerance window a captured `user.created` could otherwise be replayed to undo a
 /// deactivation. KEYS: seen, last. ARGV: timestamp, ttl. Returns `ok`, `duplicate` or `stale`.
-const ADMIT: &str = r#"
+/// Built once: its SHA1 is not recomputed per call.
+static ADMIT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'duplicate' end
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 if last > tonumber(ARGV[1]) then return 'stale' end
 redis.call('SET', KEYS[1], '1', 'EX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
 return 'ok'
-"#;
+"#,
+    )
+});
 
 async fn admit(
-    state: &AppState,
+    state: &Ops,
     headers: &HeaderMap,
     user_id: &str,
     timestamp: i64,
@@ -98,12 +107,12 @@ async fn admit(
         .map(|v| v.as_bytes())
         .unwrap_or_default();
     let digest = hex::encode(<Sha256 as sha2::Digest>::digest(signature));
-    let ttl = state.config.hooks.tolerance_secs.saturating_mul(2).max(1);
+    let ttl = state.hooks_cfg.tolerance_secs.saturating_mul(2).max(1);
     let mut conn = state.redis.conn().await.map_err(|e| {
         tracing::warn!(error = %e, "webhook: store unavailable");
         ApiError::SessionStoreUnavailable
     })?;
-    let verdict: String = redis::Script::new(ADMIT)
+    let verdict: String = ADMIT
         .key(state.redis.key(&format!("{{hooks}}:seen:{digest}")))
         .key(state.redis.key(&format!("{{hooks}}:last:{user_id}")))
         .arg(timestamp)
@@ -122,11 +131,11 @@ async fn admit(
 }
 
 pub async fn users(
-    State(state): State<AppState>,
+    State(state): State<Arc<Ops>>,
     headers: HeaderMap,
     SmallBody(body): SmallBody,
 ) -> Result<Response, ApiError> {
-    if state.config.hooks.secret.is_empty() {
+    if state.hooks_cfg.secret.is_empty() {
         return Err(ApiError::NotFound);
     }
     let timestamp = verify(&state, &headers, &body)?;

@@ -7,9 +7,12 @@
 pub mod hooks;
 pub mod ops;
 
+use std::sync::Arc;
+
 use axum::{
-    extract::{FromRequestParts, Path, Query, State},
-    http::{request::Parts, StatusCode},
+    extract::{Path, Query, Request, State},
+    http::StatusCode,
+    middleware::Next,
     response::{IntoResponse, Response},
     Json,
 };
@@ -18,51 +21,72 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 
 use crate::{
-    app::AppState,
+    clock::Clock,
+    config::{AdminConfig, HooksConfig},
+    credentials::{vault::CredentialVault, KeyRing},
     error::ApiError,
     extract::JsonBody,
-    session::{auth::bearer_token, authenticate},
+    librechat::TokenManager,
+    provisioner::Provisioner,
+    redis_conn::RedisHandle,
+    session::{auth::bearer_token, authenticate, Authenticator, SessionRegistry},
+    telemetry::metrics::Metrics,
 };
 
 use ops::{NewUser, OpsError};
 
-/// Extractor: the caller is an operator.
-pub struct AdminCaller;
+/// What operations touch: the vault, the queue, sessions, LibreChat logins — and how an
+/// operator is recognised. Used by the admin API, the webhook and the CLI alike.
+pub struct Ops {
+    pub auth: Arc<Authenticator>,
+    pub vault: CredentialVault,
+    pub provisioner: Provisioner,
+    pub sessions: Arc<SessionRegistry>,
+    pub tokens: Arc<TokenManager>,
+    pub keyring: Arc<KeyRing>,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub redis: RedisHandle,
+    pub admin_cfg: AdminConfig,
+    pub hooks_cfg: HooksConfig,
+}
 
-impl FromRequestParts<AppState> for AdminCaller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = &state.config.admin.token;
-        if let Some(presented) = bearer_token(parts) {
-            if !token.is_empty()
-                && bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes()))
-            {
-                return Ok(AdminCaller);
-            }
-        }
+/// Route layer of `/admin/*`: the caller must be an operator — `Authorization: Bearer
+/// <admin.token>`, or an identity (JWT or cookie session) in `admin.group`. No credentials: 401;
+/// the store down: 503; any other credential: 403.
+pub async fn require_operator(
+    State(ops): State<Arc<Ops>>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let token = &ops.admin_cfg.token;
+    let by_token = bearer_token(&parts).is_some_and(|presented| {
+        !token.is_empty() && bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes()))
+    });
+    if !by_token {
         let denied = ApiError::Forbidden("This needs an operator (see admin.group / admin.token).");
-        match authenticate(state, parts, false).await {
+        match authenticate(&ops.auth, &parts, false).await {
             Ok(caller) => {
-                let group = &state.config.admin.group;
-                if !group.is_empty() && caller.user.groups.iter().any(|g| g == group) {
-                    Ok(AdminCaller)
-                } else {
-                    Err(denied)
+                let group = &ops.admin_cfg.group;
+                if group.is_empty() || !caller.user.groups.iter().any(|g| g == group) {
+                    return Err(denied);
                 }
             }
-            // No credentials at all: 401; the store down: 503; any other credential: 403.
-            Err(e @ (ApiError::Unauthenticated | ApiError::SessionStoreUnavailable)) => Err(e),
-            Err(_) => Err(denied),
+            Err(e @ (ApiError::Unauthenticated | ApiError::SessionStoreUnavailable)) => {
+                return Err(e)
+            }
+            Err(_) => return Err(denied),
         }
     }
+    Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
 impl From<OpsError> for ApiError {
     fn from(e: OpsError) -> Self {
         match e {
             OpsError::Invalid(m) => ApiError::BadRequest(m),
-            OpsError::Provision(e @ crate::provision::ProvisionError::EmailTaken { .. }) => {
+            OpsError::Provision(e @ crate::provisioner::ProvisionError::EmailTaken { .. }) => {
                 ApiError::Conflict("email_conflict", e.to_string())
             }
             other => {
@@ -75,8 +99,7 @@ impl From<OpsError> for ApiError {
 
 /// `POST /admin/users {user_id, email, name?}` → 202 `{job_id, created}`.
 pub async fn add_user(
-    State(state): State<AppState>,
-    _: AdminCaller,
+    State(state): State<Arc<Ops>>,
     JsonBody(user): JsonBody<NewUser>,
 ) -> Result<Response, ApiError> {
     let (job_id, created) = ops::add_user(&state, user, "admin", ops::Reactivation::Lift).await?;
@@ -89,8 +112,7 @@ pub async fn add_user(
 
 /// `GET /admin/users/{id}`: state, LibreChat user id, attempts, last error — never the password.
 pub async fn show_user(
-    State(state): State<AppState>,
-    _: AdminCaller,
+    State(state): State<Arc<Ops>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     ops::user_status(&state, &id)
@@ -107,8 +129,7 @@ pub struct JobsQuery {
 
 /// `GET /admin/jobs?state=dead|pending|delayed|running|done[&limit=N]`.
 pub async fn list_jobs(
-    State(state): State<AppState>,
-    _: AdminCaller,
+    State(state): State<Arc<Ops>>,
     Query(q): Query<JobsQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let job_state = ops::parse_state(q.state.as_deref().unwrap_or("dead"))?;
@@ -125,8 +146,7 @@ pub async fn list_jobs(
 
 /// `POST /admin/jobs/{id}/retry` → 202 `{job_id}` (the user's active job if one already runs).
 pub async fn retry_job(
-    State(state): State<AppState>,
-    _: AdminCaller,
+    State(state): State<Arc<Ops>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     match state.provisioner.queue.requeue(&id).await {
@@ -139,8 +159,7 @@ pub async fn retry_job(
 /// `POST /admin/users/{id}/deactivate` → `{revoked: N, cancelled_job}`: what the identity
 /// service's `user.deactivated` webhook does, for ops.
 pub async fn deactivate_user(
-    State(state): State<AppState>,
-    _: AdminCaller,
+    State(state): State<Arc<Ops>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(
@@ -150,8 +169,7 @@ pub async fn deactivate_user(
 
 /// `DELETE /admin/users/{id}/sessions` → `{revoked: N}`.
 pub async fn revoke_sessions(
-    State(state): State<AppState>,
-    _: AdminCaller,
+    State(state): State<Arc<Ops>>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let revoked = state.sessions.revoke_all(&id).await?;

@@ -6,10 +6,10 @@ use provisioning::{JobState, ProvisionRequest};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::Ops;
 use crate::{
-    app::AppState,
     credentials::vault::{CredentialStatus, EmailOwner, VaultError},
-    provision::ProvisionError,
+    provisioner::ProvisionError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +79,7 @@ pub enum Reactivation {
 
 /// Enqueues provisioning; returns the job id and whether it is new.
 pub async fn add_user(
-    state: &AppState,
+    state: &Ops,
     user: NewUser,
     source: &str,
     reactivation: Reactivation,
@@ -104,7 +104,7 @@ pub async fn add_user(
 /// not stored one yet) is marked disabled and no later provisioning step can undo that, the
 /// user's pending or running job is withdrawn, every session ends, the LibreChat login is
 /// signed out and every replica drops its in-process copy of it.
-pub async fn deactivate(state: &AppState, user_id: &str, reason: &str) -> Result<Value, OpsError> {
+pub async fn deactivate(state: &Ops, user_id: &str, reason: &str) -> Result<Value, OpsError> {
     state.vault.disable(user_id, reason).await?;
     let cancelled = state
         .provisioner
@@ -124,7 +124,7 @@ pub async fn deactivate(state: &AppState, user_id: &str, reason: &str) -> Result
 }
 
 /// Everything ops may know about a user; never the password. `None`: unknown user.
-pub async fn user_status(state: &AppState, user_id: &str) -> Result<Option<Value>, OpsError> {
+pub async fn user_status(state: &Ops, user_id: &str) -> Result<Option<Value>, OpsError> {
     let record = state.vault.get(user_id).await?;
     let job_id = state.provisioner.queue.active_job_of(user_id).await?;
     let job = match &job_id {
@@ -210,7 +210,7 @@ struct CsvRow {
 /// Imports users from CSV (`user_id,email[,name][,librechat_password_encrypted]`, header row
 /// required). A `librechat_password_encrypted` value is the old Django system's Fernet token
 /// under the same key ring: such users are stored as ready without touching LibreChat.
-pub async fn import_csv(state: &AppState, input: impl Read) -> Result<ImportReport, OpsError> {
+pub async fn import_csv(state: &Ops, input: impl Read) -> Result<ImportReport, OpsError> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
         .from_reader(input);

@@ -7,9 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{CryptoError, KeyRing};
 use crate::{clock::Clock, redis_conn::RedisHandle};
-use redis::AsyncCommands;
+use redis::{AsyncCommands, ScanOptions, Script};
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,7 +109,7 @@ async fn compare_and_set(
     old: &str,
     new: &str,
 ) -> Result<bool, VaultError> {
-    let swapped: i64 = redis::Script::new(COMPARE_AND_SET)
+    let swapped: i64 = COMPARE_AND_SET
         .key(key)
         .arg(old)
         .arg(new)
@@ -146,11 +146,26 @@ impl std::fmt::Debug for CredentialVault {
     }
 }
 
+// The vault's scripts, each built once (its SHA1 computed once per process, not per call).
+
 /// Replace the record only if it is still the one that was read (rotation races a writer).
-const COMPARE_AND_SET: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 else return 0 end"#;
-const COMPARE_AND_DELETE: &str = r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 else return 0 end"#;
+static COMPARE_AND_SET: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], ARGV[2]) return 1 else return 0 end"#,
+    )
+});
+/// Delete the record only if it is still the one that was read.
+static COMPARE_AND_DELETE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 else return 0 end"#,
+    )
+});
 /// First come first served: the email's owner after the call.
-const BIND_EMAIL: &str = r#"local owner = redis.call('GET', KEYS[1]) if owner then return owner end redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]"#;
+static BIND_EMAIL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"local owner = redis.call('GET', KEYS[1]) if owner then return owner end redis.call('SET', KEYS[1], ARGV[1]) return ARGV[1]"#,
+    )
+});
 
 impl CredentialVault {
     pub fn new(redis: RedisHandle, keyring: Arc<KeyRing>, clock: Arc<dyn Clock>) -> Self {
@@ -309,7 +324,7 @@ impl CredentialVault {
                     redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
                 let Some(raw) = raw else { return Ok(false) };
                 // Delete only the tombstone we saw, never a record written meanwhile.
-                let deleted: i64 = redis::Script::new(COMPARE_AND_DELETE)
+                let deleted: i64 = COMPARE_AND_DELETE
                     .key(&key)
                     .arg(&raw)
                     .invoke_async(&mut conn)
@@ -330,7 +345,7 @@ impl CredentialVault {
     pub async fn bind_email(&self, email: &str, user_id: &str) -> Result<EmailOwner, VaultError> {
         self.ensure_email_index().await?;
         let mut conn = self.redis.conn().await?;
-        let owner: String = redis::Script::new(BIND_EMAIL)
+        let owner: String = BIND_EMAIL
             .key(self.email_key(email))
             .arg(user_id)
             .invoke_async(&mut conn)
@@ -446,55 +461,50 @@ impl CredentialVault {
     /// Re-encrypts every record whose password is not under the primary key.
     pub async fn rotate(&self) -> Result<RotationReport, VaultError> {
         let mut conn = self.redis.conn().await?;
-        let pattern = self.redis.key("cred:*");
+        // The scan has a connection of its own (a clone of the shared one): it borrows it for
+        // as long as it iterates, while each record is read and rewritten on `conn`.
+        let mut scan_conn = conn.clone();
+        let mut keys: redis::AsyncIter<String> = scan_conn
+            .scan_options(
+                ScanOptions::default()
+                    .with_pattern(self.redis.key("cred:*"))
+                    .with_count(200),
+            )
+            .await?;
         let mut report = RotationReport::default();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(200)
-                .query_async(&mut conn)
-                .await?;
-            for key in keys {
-                report.total += 1;
-                let Some(raw) = redis::cmd("GET")
-                    .arg(&key)
-                    .query_async::<Option<String>>(&mut conn)
-                    .await?
-                else {
-                    continue;
-                };
-                let Ok(mut record) = serde_json::from_str::<CredentialRecord>(&raw) else {
-                    tracing::warn!(%key, "credential record is corrupt; left as is");
-                    report.failed += 1;
-                    continue;
-                };
-                if self.keyring.is_primary(&record.password) {
-                    report.already_current += 1;
-                    continue;
-                }
-                let Ok(plain) = self.keyring.decrypt(&record.password) else {
-                    tracing::warn!(user = %record.user_id, "password decrypts under no key of the ring");
-                    report.failed += 1;
-                    continue;
-                };
-                record.password = self.keyring.encrypt(&plain);
-                let body = serde_json::to_string(&record)
-                    .map_err(|_| VaultError::Corrupt(record.user_id.clone()))?;
-                if compare_and_set(&mut conn, &key, &raw, &body).await? {
-                    report.rotated += 1;
-                } else {
-                    // Rewritten meanwhile, by a writer that used the primary key.
-                    report.already_current += 1;
-                }
+        while let Some(key) = keys.next_item().await {
+            let key = key?;
+            report.total += 1;
+            let Some(raw) = redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut conn)
+                .await?
+            else {
+                continue;
+            };
+            let Ok(mut record) = serde_json::from_str::<CredentialRecord>(&raw) else {
+                tracing::warn!(%key, "credential record is corrupt; left as is");
+                report.failed += 1;
+                continue;
+            };
+            if self.keyring.is_primary(&record.password) {
+                report.already_current += 1;
+                continue;
             }
-            if next == 0 {
-                break;
+            let Ok(plain) = self.keyring.decrypt(&record.password) else {
+                tracing::warn!(user = %record.user_id, "password decrypts under no key of the ring");
+                report.failed += 1;
+                continue;
+            };
+            record.password = self.keyring.encrypt(&plain);
+            let body = serde_json::to_string(&record)
+                .map_err(|_| VaultError::Corrupt(record.user_id.clone()))?;
+            if compare_and_set(&mut conn, &key, &raw, &body).await? {
+                report.rotated += 1;
+            } else {
+                // Rewritten meanwhile, by a writer that used the primary key.
+                report.already_current += 1;
             }
-            cursor = next;
         }
         Ok(report)
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::{header::HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 
-use crate::{client::EndUser, config::IdentityConfig};
+use crate::{config::IdentityConfig, end_user::EndUser};
 
 use super::verifier::VerifyError;
 

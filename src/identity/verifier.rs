@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 
 use crate::{
     clock::{Clock, SystemClock},
-    config::{ClaimsConfig, ConfigError, JwtConfig},
+    config::{family, parse_algorithms, ClaimsConfig, ConfigError, Family, JwtConfig},
 };
 
 /// Who a verified token says the user is.
@@ -74,72 +74,6 @@ pub enum VerifyError {
     WrongTokenType(String),
     #[error("claim `{0}` holds control characters or is too long")]
     BadClaim(String),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
-    Hmac,
-    Rsa,
-    Ec,
-}
-
-fn family(alg: Algorithm) -> Option<Family> {
-    use Algorithm::*;
-    match alg {
-        HS256 | HS384 | HS512 => Some(Family::Hmac),
-        RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Some(Family::Rsa),
-        ES256 | ES384 => Some(Family::Ec),
-        _ => None,
-    }
-}
-
-/// Parses `identity.jwt.algorithms` and checks that the key material fits them.
-pub fn parse_algorithms(cfg: &JwtConfig) -> Result<Vec<Algorithm>, ConfigError> {
-    let bad = |reason: String| ConfigError::Invalid {
-        key: "identity.jwt.algorithms".into(),
-        reason,
-    };
-    if cfg.algorithms.is_empty() {
-        return Err(bad("name at least one algorithm".into()));
-    }
-    let mut algs = Vec::new();
-    for name in &cfg.algorithms {
-        let alg: Algorithm = name
-            .to_ascii_uppercase()
-            .parse()
-            .map_err(|_| bad(format!("`{name}` is not a JWT algorithm")))?;
-        if family(alg).is_none() {
-            return Err(bad(format!("`{name}` is not supported")));
-        }
-        algs.push(alg);
-    }
-    let hmac = algs.iter().any(|a| family(*a) == Some(Family::Hmac));
-    let asym = algs.iter().any(|a| family(*a) != Some(Family::Hmac));
-    if hmac && asym {
-        return Err(bad(
-            "HS* cannot be mixed with RS*/ES*/PS* (that invites key confusion)".into(),
-        ));
-    }
-    if asym && cfg.public_key_pem_file.is_empty() && cfg.jwks_url.is_empty() {
-        return Err(ConfigError::Invalid {
-            key: "identity.jwt.jwks_url".into(),
-            reason: "RS*/ES*/PS* need identity.jwt.jwks_url or identity.jwt.public_key_pem_file"
-                .into(),
-        });
-    }
-    if asym && !cfg.public_key_pem_file.is_empty() && !cfg.jwks_url.is_empty() {
-        return Err(ConfigError::Invalid {
-            key: "identity.jwt.jwks_url".into(),
-            reason: "set either jwks_url or public_key_pem_file, not both".into(),
-        });
-    }
-    if !cfg.jwks_url.is_empty() && url::Url::parse(&cfg.jwks_url).is_err() {
-        return Err(ConfigError::Invalid {
-            key: "identity.jwt.jwks_url".into(),
-            reason: "not a URL".into(),
-        });
-    }
-    Ok(algs)
 }
 
 enum KeySource {

@@ -5,10 +5,14 @@
 
 use std::time::Duration;
 
+use cookie::Cookie;
 use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
 
-use crate::{client::ClientInfo, config::LibreChatConfig};
+use crate::{config::LibreChatConfig, end_user::ClientInfo};
+
+/// The cookie LibreChat keeps its refresh token in.
+const REFRESH_COOKIE: &str = "refreshToken";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibreChatError {
@@ -129,10 +133,10 @@ impl LibreChatClient {
         client: &ClientInfo,
     ) -> Result<LibreChatLogin, LibreChatError> {
         let res = self
-            .send(self.post("/api/auth/refresh", client).header(
-                header::COOKIE,
-                format!("refreshToken={refresh_token}; token_provider=librechat"),
-            ))
+            .send(
+                self.post("/api/auth/refresh", client)
+                    .header(header::COOKIE, refresh_cookie_header(refresh_token)),
+            )
             .await?;
         let status = res.status();
         let is_json = res
@@ -172,10 +176,7 @@ impl LibreChatClient {
             .send(
                 self.post("/api/auth/logout", client)
                     .bearer_auth(token)
-                    .header(
-                        header::COOKIE,
-                        format!("refreshToken={refresh_token}; token_provider=librechat"),
-                    ),
+                    .header(header::COOKIE, refresh_cookie_header(refresh_token)),
             )
             .await?;
         success(res).await
@@ -339,17 +340,25 @@ fn is_credential_verdict(message: &str) -> bool {
         || message.starts_with("password: ")
 }
 
-/// The `refreshToken` value from the response's `Set-Cookie` lines.
+/// The `refreshToken` value from the response's `Set-Cookie` lines (the first non-empty one).
 fn refresh_cookie(headers: &header::HeaderMap) -> Option<String> {
     headers
         .get_all(header::SET_COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .find_map(|line| {
-            let pair = line.split(';').next()?.trim();
-            let value = pair.strip_prefix("refreshToken=")?;
-            (!value.is_empty()).then(|| value.to_owned())
-        })
+        .filter_map(|line| Cookie::parse(line).ok())
+        .find(|c| c.name() == REFRESH_COOKIE && !c.value().is_empty())
+        .map(|c| c.value().to_owned())
+}
+
+/// The `Cookie:` header LibreChat's refresh and logout expect: the refresh token and the
+/// provider that issued it (contract §3–4).
+fn refresh_cookie_header(refresh_token: &str) -> String {
+    format!(
+        "{}; {}",
+        Cookie::new(REFRESH_COOKIE, refresh_token).stripped(),
+        Cookie::new("token_provider", "librechat").stripped()
+    )
 }
 
 fn into_login(body: &Value, cookie: Option<String>) -> Result<LibreChatLogin, LibreChatError> {
@@ -382,4 +391,34 @@ fn into_login(body: &Value, cookie: Option<String>) -> Result<LibreChatLogin, Li
         refresh_exp,
         role,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_cookie_is_read_from_set_cookie_lines() {
+        let mut headers = header::HeaderMap::new();
+        for line in [
+            "token_provider=librechat; Path=/; HttpOnly",
+            "refreshToken=; Max-Age=0; Path=/",
+            "refreshToken=eyJ.abc.def; Expires=Wed, 21 Oct 2099 07:28:00 GMT; HttpOnly; Secure; SameSite=Strict",
+        ] {
+            headers.append(
+                header::SET_COOKIE,
+                header::HeaderValue::from_str(line).expect("valid header"),
+            );
+        }
+        assert_eq!(refresh_cookie(&headers).as_deref(), Some("eyJ.abc.def"));
+        assert_eq!(refresh_cookie(&header::HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn refresh_cookie_header_carries_token_and_provider() {
+        assert_eq!(
+            refresh_cookie_header("eyJ.abc.def"),
+            "refreshToken=eyJ.abc.def; token_provider=librechat"
+        );
+    }
 }

@@ -14,11 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{LibreChatClient, LibreChatError};
 use crate::{
-    client::ClientInfo,
     credentials::{
         vault::{CredentialVault, EmailOwner},
         KeyRing,
     },
+    end_user::ClientInfo,
     lock::RedisLock,
     redis_conn::RedisHandle,
 };

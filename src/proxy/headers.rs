@@ -5,7 +5,7 @@
 
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 
-use crate::{client::ClientInfo, librechat::UpstreamToken};
+use crate::{end_user::ClientInfo, librechat::UpstreamToken, telemetry::X_REQUEST_ID};
 
 static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -29,8 +29,6 @@ static CLIENT_ONLY: [HeaderName; 9] = [
     header::ORIGIN,
     header::REFERER,
 ];
-
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in `Connection` are hop-by-hop too.
@@ -91,21 +89,4 @@ pub fn filter_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
     strip_hop_by_hop(headers);
     headers.remove(header::SET_COOKIE);
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
-}
-
-/// The client's `X-Request-Id` when it is sane, else a new one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    headers
-        .get(&X_REQUEST_ID)
-        .filter(|v| {
-            v.len() <= 128
-                && v.as_bytes()
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
-        })
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
-                .unwrap_or(HeaderValue::from_static("unknown"))
-        })
 }

@@ -17,9 +17,14 @@ use axum::{
 };
 use http_body_util::BodyExt;
 
+use std::{sync::Arc, time::Duration};
+
 use crate::{
-    app::AppState, client::client_info_of, error::ApiError, librechat::TokenError,
-    session::authenticate,
+    error::ApiError,
+    librechat::{TokenError, TokenManager},
+    provisioner::Provisioner,
+    session::{authenticate, Authenticator},
+    telemetry::metrics::Metrics,
 };
 
 use body::{BodyFailure, BodyOutcome, ClientBody};
@@ -30,20 +35,32 @@ pub use upstream::Upstream;
 #[derive(Debug, Clone, Copy)]
 pub struct Proxied;
 
-pub async fn forward(State(state): State<AppState>, req: Request) -> Response {
+/// What forwarding needs: who the caller is, their LibreChat token, the provisioner for users
+/// without an account yet, and the pooled client to LibreChat.
+pub struct Proxy {
+    pub auth: Arc<Authenticator>,
+    pub tokens: Arc<TokenManager>,
+    pub provisioner: Provisioner,
+    pub upstream: Arc<Upstream>,
+    pub metrics: Arc<Metrics>,
+    /// `server.request_body_idle_timeout_secs`.
+    pub body_idle_timeout: Duration,
+}
+
+pub async fn forward(State(state): State<Arc<Proxy>>, req: Request) -> Response {
     match forward_request(&state, req).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     }
 }
 
-async fn forward_request(state: &AppState, req: Request) -> Result<Response, ApiError> {
+async fn forward_request(state: &Proxy, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
 
     // 1. Authenticate: a path we would refuse anyway costs no session lookup.
     let rest = path::checked_rest(parts.uri.path(), &state.upstream.deny_prefixes)?;
-    let user = authenticate(state, &parts, true).await?.user;
-    let client = client_info_of(&parts, state)?;
+    let user = authenticate(&state.auth, &parts, true).await?.user;
+    let client = state.auth.end_users.client_info_of(&parts)?;
 
     // 2. Acquire the user's LibreChat token (in-process when warm). No usable account yet:
     // make sure a provisioning job exists (just in time), answer 503 meanwhile with the time
@@ -69,10 +86,10 @@ async fn forward_request(state: &AppState, req: Request) -> Result<Response, Api
     };
 
     // 3. Rewrite the request.
-    let request_id = headers::request_id(&parts.headers);
+    let request_id = crate::telemetry::request_id(&parts.headers);
     let uri = state.upstream.uri(rest, parts.uri.query())?;
-    let idle = std::time::Duration::from_secs(state.config.server.request_body_idle_timeout_secs);
-    let mut body = RequestBody::prepare(&parts, body, &state.upstream, idle).await?;
+    let mut body =
+        RequestBody::prepare(&parts, body, &state.upstream, state.body_idle_timeout).await?;
     let method = parts.method;
     // The client's headers are not needed any more: rewrite them in place.
     let mut upstream_headers = parts.headers;

@@ -3,6 +3,8 @@
 //! Denials compare the decoded, lower-cased path (`%61uth`, `Auth` are `auth`: Express matches
 //! routes case-insensitively); the path LibreChat receives is still the raw one.
 
+use percent_encoding::percent_decode_str;
+
 use crate::error::ApiError;
 
 /// LibreChat v0.8.7 routes no user may reach through the BFF, whatever `deny_prefixes` says,
@@ -102,24 +104,25 @@ fn percent_decode(s: &str) -> Option<String> {
         if !current.contains('%') {
             return Some(current);
         }
-        let bytes = current.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            if bytes[i] == b'%' {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                out.push(v);
-                i += 3;
-            } else {
-                out.push(bytes[i]);
-                i += 1;
-            }
+        // `percent_decode_str` passes a malformed escape through as is; refuse it instead.
+        if !well_formed_escapes(&current) {
+            return None;
         }
-        current = String::from_utf8_lossy(&out).into_owned();
+        current = percent_decode_str(&current)
+            .decode_utf8_lossy()
+            .into_owned();
     }
     // Still encoded after three rounds: refuse rather than guess.
     (!current.contains('%')).then_some(current)
+}
+
+/// Whether every `%` starts an escape of two hex digits.
+fn well_formed_escapes(s: &str) -> bool {
+    s.split('%').skip(1).all(|rest| {
+        rest.as_bytes()
+            .get(..2)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    })
 }
 
 #[cfg(test)]
@@ -141,6 +144,23 @@ mod tests {
             "/api/chat/./convos",
             "/api/chat/%252e%252e/x",
             "/api/chat/bad%zz",
+        ] {
+            assert!(
+                matches!(checked_rest(p, &[]), Err(ApiError::BadPath)),
+                "{p} must be refused"
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_escapes_are_refused() {
+        for p in [
+            "/api/chat/x%2",
+            "/api/chat/x%",
+            "/api/chat/%%41uth",
+            "/api/chat/%g1",
+            "/api/chat/convos/%25zz",
+            "/api/chat/%25252e",
         ] {
             assert!(
                 matches!(checked_rest(p, &[]), Err(ApiError::BadPath)),

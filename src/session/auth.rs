@@ -4,28 +4,49 @@
 //! when the idle timer is pushed forward (at most once per `slide_interval`) or the identity
 //! token was refreshed.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
-    extract::FromRequestParts,
+    extract::{FromRef, FromRequestParts},
     http::{header, request::Parts},
 };
 use time::OffsetDateTime;
 use tower_sessions::{Expiry, Session};
 
 use super::{
+    csrf::CsrfPolicy,
     registry::{IdentityTokenSet, RefreshLockError},
-    SessionData, SessionError, UserInfo, DATA_KEY,
+    SessionData, SessionError, SessionRegistry, UserInfo, DATA_KEY,
 };
 use crate::{
-    app::AppState,
-    client::{end_user_of, EndUser},
+    clock::Clock,
+    config::SessionConfig,
+    end_user::{EndUser, EndUsers},
     error::ApiError,
     identity::{
         client::{IdentityClientError, DEFAULT_RETRY_AFTER},
         verifier::VerifyError,
     },
+    identity::{IdentityClient, IdentityVerifier},
+    telemetry::metrics::Metrics,
 };
+
+/// What authenticating a request needs: the identity verifier and client, the session registry,
+/// the CSRF policy, and how the end user is recognised. Every route that needs a caller takes
+/// this (as `Arc<Authenticator>` state), nothing more.
+pub struct Authenticator {
+    pub clock: Arc<dyn Clock>,
+    pub verifier: Arc<IdentityVerifier>,
+    pub identity: IdentityClient,
+    pub sessions: Arc<SessionRegistry>,
+    pub csrf: Arc<CsrfPolicy>,
+    pub metrics: Arc<Metrics>,
+    pub end_users: Arc<EndUsers>,
+    /// `[session]`: timeouts, cookie cap.
+    pub session_cfg: SessionConfig,
+    /// `identity.refresh_skew_secs`.
+    pub refresh_skew_secs: i64,
+}
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -45,11 +66,17 @@ pub struct CookieSession {
 #[derive(Debug, Clone)]
 pub struct CurrentUser(pub Authenticated);
 
-impl FromRequestParts<AppState> for CurrentUser {
+impl<S> FromRequestParts<S> for CurrentUser
+where
+    S: Send + Sync,
+    Arc<Authenticator>: FromRef<S>,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, parts, true).await.map(CurrentUser)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        authenticate(&Arc::<Authenticator>::from_ref(state), parts, true)
+            .await
+            .map(CurrentUser)
     }
 }
 
@@ -65,13 +92,13 @@ pub fn bearer_token(parts: &Parts) -> Option<&str> {
 
 /// Authenticates the request; `slide` pushes the session's idle timer forward.
 pub async fn authenticate(
-    state: &AppState,
+    auth: &Arc<Authenticator>,
     parts: &Parts,
     slide: bool,
 ) -> Result<Authenticated, ApiError> {
     if parts.headers.contains_key(header::AUTHORIZATION) {
         let token = bearer_token(parts).ok_or(ApiError::Unauthenticated)?;
-        let identity = state.verifier.verify(token).await?;
+        let identity = auth.verifier.verify(token).await?;
         return Ok(Authenticated {
             user: UserInfo::from(&identity),
             session: None,
@@ -84,7 +111,7 @@ pub async fn authenticate(
         .iter()
         .map(|v| v.len())
         .sum();
-    if cookie_bytes > state.config.session.max_cookie_bytes {
+    if cookie_bytes > auth.session_cfg.max_cookie_bytes {
         return Err(ApiError::Unauthenticated);
     }
     let session = parts
@@ -100,21 +127,21 @@ pub async fn authenticate(
         return Err(ApiError::Unauthenticated);
     };
     let sid = session.id().map(|id| id.to_string()).unwrap_or_default();
-    let now = state.clock.now().unix_timestamp();
+    let now = auth.clock.now().unix_timestamp();
     if now >= data.absolute_expires_at || now >= data.idle_expires_at {
-        end_session(state, &session, &data.user.id, &sid).await;
+        end_session(auth, &session, &data.user.id, &sid).await;
         return Err(ApiError::SessionEnded);
     }
-    state.csrf.check_cookie_request(parts)?;
+    auth.csrf.check_cookie_request(parts)?;
 
     let mut changed = false;
-    let skew = state.config.identity.refresh_skew_secs as i64;
+    let skew = auth.refresh_skew_secs;
     if now + skew >= data.identity_exp {
-        let caller = end_user_of(parts, state)?;
-        refresh_identity(state, &caller, &session, &sid, &mut data, now).await?;
+        let caller = auth.end_users.end_user_of(parts)?;
+        refresh_identity(auth, &caller, &session, &sid, &mut data, now).await?;
         changed = true;
     }
-    let cfg = &state.config.session;
+    let cfg = &auth.session_cfg;
     if slide && now - data.last_slide_at >= cfg.slide_interval_secs as i64 {
         data.idle_expires_at = (now + cfg.idle_timeout_secs as i64).min(data.absolute_expires_at);
         data.last_slide_at = now;
@@ -143,9 +170,9 @@ pub async fn write_session(session: &Session, data: &SessionData) -> Result<(), 
 }
 
 /// Destroys a cookie session everywhere; failures are logged, the caller answers 401 anyway.
-pub async fn end_session(state: &AppState, session: &Session, user_id: &str, sid: &str) {
-    state.metrics.session("ended");
-    if let Err(e) = state.sessions.forget(user_id, sid).await {
+pub async fn end_session(auth: &Arc<Authenticator>, session: &Session, user_id: &str, sid: &str) {
+    auth.metrics.session("ended");
+    if let Err(e) = auth.sessions.forget(user_id, sid).await {
         tracing::warn!(error = %e, "could not delete ended session");
     }
     if let Err(e) = session.flush().await {
@@ -165,21 +192,21 @@ pub async fn end_session(state: &AppState, session: &Session, user_id: &str, sid
 /// (429, 5xx, timeout), the session is kept: a still-valid access token goes on serving, else the
 /// answer is 503 with `Retry-After`, and this process does not ask again for that long.
 async fn refresh_identity(
-    state: &AppState,
+    auth: &Arc<Authenticator>,
     caller: &EndUser,
     session: &Session,
     sid: &str,
     data: &mut SessionData,
     now: i64,
 ) -> Result<(), ApiError> {
-    if let Some(wait) = state.sessions.refresh_deferred(sid, now) {
-        return refresh_deferred(state, session, sid, data, now, wait).await;
+    if let Some(wait) = auth.sessions.refresh_deferred(sid, now) {
+        return refresh_deferred(auth, session, sid, data, now, wait).await;
     }
     let task = {
-        let (state, caller, session) = (state.clone(), caller.clone(), session.clone());
+        let (auth, caller, session) = (auth.clone(), caller.clone(), session.clone());
         let (sid, mut data) = (sid.to_owned(), data.clone());
         tokio::spawn(async move {
-            let guard = state
+            let guard = auth
                 .sessions
                 .lock_refresh(&sid)
                 .await
@@ -187,7 +214,7 @@ async fn refresh_identity(
                     RefreshLockError::Busy => ApiError::Busy(2),
                     RefreshLockError::Store(e) => ApiError::from(e),
                 })?;
-            let result = refresh_locked(&state, &caller, &session, &sid, &mut data, now).await;
+            let result = refresh_locked(&auth, &caller, &session, &sid, &mut data, now).await;
             guard.release().await;
             result.map(|()| data)
         })
@@ -208,14 +235,14 @@ async fn refresh_identity(
 /// While the identity service's "later" holds: adopt tokens refreshed meanwhile (by another
 /// replica), serve a still-valid access token, else 503 with the seconds left.
 async fn refresh_deferred(
-    state: &AppState,
+    auth: &Arc<Authenticator>,
     session: &Session,
     sid: &str,
     data: &mut SessionData,
     now: i64,
     wait: u64,
 ) -> Result<(), ApiError> {
-    let Some(current) = unchanged_tokens(state, session, sid, data).await? else {
+    let Some(current) = unchanged_tokens(auth, session, sid, data).await? else {
         return Ok(());
     };
     if now < current.access_exp {
@@ -228,13 +255,13 @@ async fn refresh_deferred(
 /// another request (or replica) refreshed meanwhile, whose result `data` then adopts. No tokens
 /// at all: the session is over.
 async fn unchanged_tokens(
-    state: &AppState,
+    auth: &Arc<Authenticator>,
     session: &Session,
     sid: &str,
     data: &mut SessionData,
 ) -> Result<Option<IdentityTokenSet>, ApiError> {
-    let Some(current) = state.sessions.tokens(sid).await? else {
-        end_session(state, session, &data.user.id, sid).await;
+    let Some(current) = auth.sessions.tokens(sid).await? else {
+        end_session(auth, session, &data.user.id, sid).await;
         return Err(ApiError::SessionEnded);
     };
     if current.generation != data.identity_generation {
@@ -246,14 +273,14 @@ async fn unchanged_tokens(
 }
 
 async fn refresh_locked(
-    state: &AppState,
+    auth: &Arc<Authenticator>,
     caller: &EndUser,
     session: &Session,
     sid: &str,
     data: &mut SessionData,
     now: i64,
 ) -> Result<(), ApiError> {
-    let Some(current) = unchanged_tokens(state, session, sid, data).await? else {
+    let Some(current) = unchanged_tokens(auth, session, sid, data).await? else {
         return Ok(());
     };
     let Some(refresh) = current.refresh.as_deref() else {
@@ -261,11 +288,11 @@ async fn refresh_locked(
         if now < current.access_exp {
             return Ok(());
         }
-        end_session(state, session, &data.user.id, sid).await;
+        end_session(auth, session, &data.user.id, sid).await;
         return Err(ApiError::SessionEnded);
     };
-    let refreshed = state.identity.refresh(refresh, caller).await;
-    state.metrics.identity(
+    let refreshed = auth.identity.refresh(refresh, caller).await;
+    auth.metrics.identity(
         "refresh",
         match &refreshed {
             Ok(_) => "ok",
@@ -278,7 +305,7 @@ async fn refresh_locked(
         Ok(tokens) => tokens,
         Err(IdentityClientError::Rejected) => {
             tracing::info!(user = %data.user.id, "identity refresh refused; ending session");
-            end_session(state, session, &data.user.id, sid).await;
+            end_session(auth, session, &data.user.id, sid).await;
             return Err(ApiError::SessionEnded);
         }
         Err(e) => {
@@ -287,7 +314,7 @@ async fn refresh_locked(
                 IdentityClientError::Throttled { retry_after } => *retry_after,
                 _ => DEFAULT_RETRY_AFTER,
             };
-            state.sessions.defer_refresh(sid, now, retry_after);
+            auth.sessions.defer_refresh(sid, now, retry_after);
             if now < current.access_exp {
                 tracing::warn!(error = %e, "identity refresh failed; the access token is still valid");
                 return Ok(());
@@ -298,7 +325,7 @@ async fn refresh_locked(
     };
     // Without rotation the old refresh token stays valid.
     let refresh = issued.refresh.or(current.refresh);
-    let identity = match state.verifier.verify(&issued.access).await {
+    let identity = match auth.verifier.verify(&issued.access).await {
         Ok(identity) if identity.user_id == data.user.id => identity,
         Err(e @ VerifyError::KeysUnavailable { .. }) => {
             // The identity service just rotated the refresh token: keep the new pair, or the
@@ -315,10 +342,9 @@ async fn refresh_locked(
                 access_exp: current.access_exp,
                 generation: current.generation + 1,
             };
-            state.sessions.update_tokens(sid, &tokens).await?;
+            auth.sessions.update_tokens(sid, &tokens).await?;
             data.identity_generation = tokens.generation;
-            state
-                .sessions
+            auth.sessions
                 .defer_refresh(sid, now, Duration::from_secs(retry_after_secs));
             tracing::warn!(error = %e, "refreshed identity token cannot be verified yet; kept");
             return if now < current.access_exp {
@@ -331,7 +357,7 @@ async fn refresh_locked(
             tracing::warn!(
                 "refreshed identity token does not verify for this user; ending session"
             );
-            end_session(state, session, &data.user.id, sid).await;
+            end_session(auth, session, &data.user.id, sid).await;
             return Err(ApiError::SessionEnded);
         }
     };
@@ -341,8 +367,8 @@ async fn refresh_locked(
         access_exp: identity.expires_at,
         generation: current.generation + 1,
     };
-    state.sessions.update_tokens(sid, &tokens).await?;
-    state.sessions.clear_deferral(sid);
+    auth.sessions.update_tokens(sid, &tokens).await?;
+    auth.sessions.clear_deferral(sid);
     data.identity_exp = identity.expires_at;
     data.identity_generation = tokens.generation;
     data.user = UserInfo::from(&identity);

@@ -9,11 +9,12 @@ pub mod store;
 
 use serde::{Deserialize, Serialize};
 
-pub use auth::{authenticate, Authenticated, CurrentUser};
+pub use auth::{authenticate, Authenticated, Authenticator, CurrentUser};
 pub use registry::SessionRegistry;
 pub use store::{BffSessionStore, RedisSessionStore};
 
-use crate::{credentials::CryptoError, identity::VerifiedIdentity};
+use crate::credentials::CryptoError;
+pub use crate::identity::UserInfo;
 
 /// Key of [`SessionData`] inside the tower-sessions record.
 pub const DATA_KEY: &str = "bff";
@@ -54,26 +55,6 @@ impl From<tower_sessions::session::Error> for SessionError {
     }
 }
 
-/// The user as the BFF knows them (from the identity JWT's claims).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct UserInfo {
-    pub id: String,
-    pub email: Option<String>,
-    pub name: Option<String>,
-    pub groups: Vec<String>,
-}
-
-impl From<&VerifiedIdentity> for UserInfo {
-    fn from(v: &VerifiedIdentity) -> Self {
-        Self {
-            id: v.user_id.clone(),
-            email: v.email.clone(),
-            name: v.name.clone(),
-            groups: v.groups.clone(),
-        }
-    }
-}
-
 /// What a cookie session holds in its record. No tokens: those are Fernet-encrypted in the
 /// [`SessionRegistry`], so the record can be read on every request without decrypting anything.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,4 +69,14 @@ pub struct SessionData {
     pub identity_exp: i64,
     /// Generation of the identity tokens this record last saw (see `IdentityTokenSet`).
     pub identity_generation: u64,
+}
+
+impl From<SessionError> for crate::error::ApiError {
+    fn from(e: SessionError) -> Self {
+        use SessionError as E;
+        match e {
+            E::StoreUnavailable(_) => crate::error::ApiError::SessionStoreUnavailable,
+            E::Crypto(_) | E::Corrupt(_) => crate::error::ApiError::SessionEnded,
+        }
+    }
 }

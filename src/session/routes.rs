@@ -1,25 +1,39 @@
 //! `/auth/*`: sign in (password or handed-over token), sign out, and who am I.
 
-use axum::{extract::State, http::request::Parts, Json};
+use std::sync::Arc;
+
+use axum::{
+    extract::{Query, State},
+    http::request::Parts,
+    Json,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 use tower_sessions::Session;
 
 use super::{
-    auth::{authenticate, bearer_token, end_session, write_session, Authenticated},
+    auth::{authenticate, bearer_token, end_session, write_session, Authenticated, Authenticator},
     registry::IdentityTokenSet,
     SessionData, SessionError, UserInfo,
 };
 use crate::{
-    app::AppState,
-    client::end_user_of,
-    credentials::vault::CredentialStatus,
+    credentials::vault::{CredentialStatus, CredentialVault},
     error::ApiError,
     extract::{parse_json, JsonBody, SmallBody},
     identity::{client::IdentityClientError, IdentityTokens, VerifiedIdentity},
-    throttle::ThrottleError,
+    provisioner::Provisioner,
+    throttle::{LoginThrottle, ThrottleError},
 };
+
+/// What signing in needs beyond authenticating: the login throttle, the credential vault (no
+/// session for a deactivated user) and the provisioner (just-in-time, off the sign-in path).
+pub struct SignIn {
+    pub auth: Arc<Authenticator>,
+    pub throttle: Arc<LoginThrottle>,
+    pub vault: CredentialVault,
+    pub provisioner: Provisioner,
+}
 
 /// Extra fields (e.g. a "remember me" flag a web app sends) are ignored.
 #[derive(Deserialize)]
@@ -33,20 +47,20 @@ pub struct LoginRequest {
 /// cookie session. Failed attempts are throttled per client address and per identifier
 /// (`src/throttle.rs`): over a limit the identity service is not called at all.
 pub async fn login(
-    State(state): State<AppState>,
+    State(state): State<Arc<SignIn>>,
     parts: Parts,
     session: Session,
     JsonBody(body): JsonBody<LoginRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    state.csrf.check_origin(&parts.headers)?;
-    let caller = end_user_of(&parts, &state)?;
+    state.auth.csrf.check_origin(&parts.headers)?;
+    let caller = state.auth.end_users.end_user_of(&parts)?;
     let identifier = body
         .email
         .or(body.username)
         .map(|s| s.trim().to_owned())
         .filter(|s| !s.is_empty())
         .ok_or_else(|| ApiError::BadRequest("Send `email` or `username`.".into()))?;
-    let max = state.login_throttle.max_identifier_bytes();
+    let max = state.throttle.max_identifier_bytes();
     if identifier.len() > max {
         return Err(ApiError::BadRequest(format!(
             "`email`/`username` is longer than {max} bytes."
@@ -55,38 +69,40 @@ pub async fn login(
     if body.password.is_empty() {
         return Err(ApiError::BadRequest("Send a non-empty `password`.".into()));
     }
-    let attempt = match state.login_throttle.begin(caller.ip, &identifier).await {
+    let attempt = match state.throttle.begin(caller.ip, &identifier).await {
         Ok(attempt) => attempt,
         Err(e) => {
             if matches!(e, ThrottleError::Throttled(_)) {
-                state.metrics.identity("login", "throttled");
+                state.auth.metrics.identity("login", "throttled");
                 tracing::debug!(ip = %caller.ip, "sign-in throttled");
             }
             return Err(e.into());
         }
     };
     let tokens = match state
+        .auth
         .identity
         .obtain(&identifier, &body.password, &caller)
         .await
     {
         Ok(t) => {
-            state.metrics.identity("login", "ok");
-            state.login_throttle.succeeded(attempt).await;
+            state.auth.metrics.identity("login", "ok");
+            state.throttle.succeeded(attempt).await;
             t
         }
         Err(e @ IdentityClientError::Rejected) => {
-            state.metrics.identity("login", "rejected");
-            state.login_throttle.failed(attempt);
+            state.auth.metrics.identity("login", "rejected");
+            state.throttle.failed(attempt);
             return Err(e.into());
         }
         Err(e) => {
-            state.metrics.identity("login", "error");
-            state.login_throttle.inconclusive(attempt).await;
+            state.auth.metrics.identity("login", "error");
+            state.throttle.inconclusive(attempt).await;
             return Err(e.into());
         }
     };
     let identity = state
+        .auth
         .verifier
         .verify(&tokens.access)
         .await
@@ -103,19 +119,19 @@ pub struct ExchangeRequest {
 /// `POST /auth/session` with `Authorization: Bearer <identity access token>` and optionally
 /// `{refresh}`: the web app, which signs users in itself, hands a user over to a cookie session.
 pub async fn exchange(
-    State(state): State<AppState>,
+    State(state): State<Arc<SignIn>>,
     parts: Parts,
     session: Session,
     SmallBody(body): SmallBody,
 ) -> Result<Json<Value>, ApiError> {
-    state.csrf.check_origin(&parts.headers)?;
+    state.auth.csrf.check_origin(&parts.headers)?;
     let access = bearer_token(&parts).ok_or(ApiError::Unauthenticated)?;
     let body: ExchangeRequest = if body.iter().all(u8::is_ascii_whitespace) {
         ExchangeRequest::default()
     } else {
         parse_json(&body)?
     };
-    let identity = state.verifier.verify(access).await?;
+    let identity = state.auth.verifier.verify(access).await?;
     let refresh = body.refresh.filter(|r| !r.is_empty());
     let tokens = IdentityTokens {
         access: access.to_owned(),
@@ -128,7 +144,7 @@ pub async fn exchange(
 /// Opens a fresh session for `identity`. Any session the cookie pointed at is ended first and
 /// the id is new, so a planted session id is worthless (no fixation).
 async fn open_session(
-    state: &AppState,
+    state: &SignIn,
     session: &Session,
     identity: &VerifiedIdentity,
     tokens: IdentityTokens,
@@ -148,6 +164,7 @@ async fn open_session(
         .map_err(|e| ApiError::from(SessionError::from(e)))?;
     if let (Some(prev), Some(id)) = (previous, session.id()) {
         state
+            .auth
             .sessions
             .forget(&prev.user.id, &id.to_string())
             .await?;
@@ -158,8 +175,8 @@ async fn open_session(
         .map_err(|e| ApiError::from(SessionError::from(e)))?;
     session.clear().await;
 
-    let now = state.clock.now().unix_timestamp();
-    let cfg = &state.config.session;
+    let now = state.auth.clock.now().unix_timestamp();
+    let cfg = &state.auth.session_cfg;
     let absolute = now + cfg.absolute_lifetime_secs as i64;
     let data = SessionData {
         user: UserInfo::from(identity),
@@ -184,11 +201,12 @@ async fn open_session(
         generation: 0,
     };
     state
+        .auth
         .sessions
         .register(&data.user.id, &sid, &stored, until)
         .await?;
     tracing::info!(user = %data.user.id, "session opened");
-    state.metrics.session("created");
+    state.auth.metrics.session("created");
     // Just-in-time provisioning, off the sign-in path: sign-in never waits for it.
     let provisioner = state.provisioner.clone();
     let user = data.user.clone();
@@ -202,7 +220,7 @@ async fn open_session(
 
 /// `POST /auth/logout`: ends the cookie session. Idempotent: no session is fine too.
 pub async fn logout(
-    State(state): State<AppState>,
+    State(auth): State<Arc<Authenticator>>,
     parts: Parts,
     session: Session,
 ) -> Result<Json<Value>, ApiError> {
@@ -211,20 +229,26 @@ pub async fn logout(
         .await
         .map_err(|e| ApiError::from(SessionError::from(e)))?;
     if let (Some(data), Some(id)) = (data, session.id()) {
-        state.csrf.check_cookie_request(&parts)?;
-        end_session(&state, &session, &data.user.id, &id.to_string()).await;
+        auth.csrf.check_cookie_request(&parts)?;
+        end_session(&auth, &session, &data.user.id, &id.to_string()).await;
         tracing::info!(user = %data.user.id, "session closed");
     }
     Ok(Json(json!({ "ok": true })))
 }
 
+#[derive(Deserialize)]
+pub struct MeQuery {
+    slide: Option<String>,
+}
+
 /// `GET /auth/me[?slide=false]`: the user and the session's deadlines; never a token.
-pub async fn me(State(state): State<AppState>, parts: Parts) -> Result<Json<Value>, ApiError> {
-    let slide = !parts.uri.query().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv == "slide=false" || kv == "slide=0")
-    });
-    let Authenticated { user, session } = authenticate(&state, &parts, slide).await?;
+pub async fn me(
+    State(auth): State<Arc<Authenticator>>,
+    Query(query): Query<MeQuery>,
+    parts: Parts,
+) -> Result<Json<Value>, ApiError> {
+    let slide = !matches!(query.slide.as_deref(), Some("false" | "0"));
+    let Authenticated { user, session } = authenticate(&auth, &parts, slide).await?;
     Ok(Json(me_body(&user, session.as_ref().map(|s| &s.data))))
 }
 

@@ -11,13 +11,21 @@ use axum::{
 };
 use tracing::Instrument;
 
-use super::metrics::{route_group, RequestLabels};
-use crate::{app::AppState, proxy::headers};
+use std::sync::Arc;
 
-pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let request_id = headers::request_id(req.headers());
+use super::{
+    metrics::{route_group, Metrics, RequestLabels},
+    request_id, X_REQUEST_ID,
+};
+
+pub async fn observe(
+    State(metrics): State<Arc<Metrics>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let request_id = request_id(req.headers());
     req.headers_mut()
-        .insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+        .insert(X_REQUEST_ID.clone(), request_id.clone());
     let group = route_group(req.uri().path());
     let span = tracing::info_span!(
         "request",
@@ -29,15 +37,13 @@ pub async fn observe(State(state): State<AppState>, mut req: Request, next: Next
     let mut res = next.run(req).instrument(span.clone()).await;
     let elapsed = started.elapsed();
     let status = res.status().as_u16();
-    res.headers_mut()
-        .insert(headers::X_REQUEST_ID.clone(), request_id);
+    res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
     let labels = RequestLabels {
         route_group: group,
         status,
     };
-    state.metrics.requests.get_or_create(&labels).inc();
-    state
-        .metrics
+    metrics.requests.get_or_create(&labels).inc();
+    metrics
         .request_duration
         .get_or_create(&labels)
         .observe(elapsed.as_secs_f64());

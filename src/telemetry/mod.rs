@@ -3,6 +3,7 @@
 pub mod metrics;
 pub mod middleware;
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use tracing_subscriber::{fmt, EnvFilter};
 
 use crate::config::{LogFormat, TelemetryConfig};
@@ -33,4 +34,23 @@ pub fn init_default() {
         )
         .with_target(false)
         .try_init();
+}
+
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The client's `X-Request-Id` when it is sane, else a new one.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    headers
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            v.len() <= 128
+                && v.as_bytes()
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        })
 }

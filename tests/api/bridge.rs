@@ -1,8 +1,6 @@
 //! The LibreChat bridge end to end: BFF router, real Redis, fake identity service and the fake
 //! LibreChat (which follows shared/librechat-contract.md).
 
-mod support;
-
 use std::{
     io::{Read, Write},
     time::{Duration, Instant},
@@ -1054,6 +1052,12 @@ async fn a_client_that_disconnects_mid_librechat_refresh_loses_neither_the_login
     abandon_mid_request(&bff, "/api/chat/convos", &bearer, &gate).await;
     w.lc.reject_all_tokens(false);
     gate.release();
+    // Nobody awaits the renewal any more: it finishes (and stores the rotated cookie) on its
+    // own. Wait for that to land, so the next requests see its token, not the old one.
+    support::wait::eventually(10, "the abandoned renewal to land", || async {
+        (bff.state.tokens.cached_generation("40") == Some(2)).then_some(())
+    })
+    .await;
 
     let started = Instant::now();
     let (status, body) = tokio::time::timeout(

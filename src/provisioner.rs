@@ -14,17 +14,17 @@ use provisioning::{
 use tokio::sync::watch;
 
 use crate::{
-    client::ClientInfo,
     config::Config,
     credentials::vault::{
         CredentialStatus, CredentialVault, EmailOwner, Password, Refusal, Updated, VaultError,
     },
+    end_user::ClientInfo,
+    identity::UserInfo,
     librechat::{
         service_account::{ServiceAccount, SERVICE_OWNER},
         LibreChatClient, LibreChatError,
     },
     redis_conn::RedisHandle,
-    session::UserInfo,
     telemetry::metrics::{Metrics, OutcomeLabels},
 };
 

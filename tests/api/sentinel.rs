@@ -1,8 +1,6 @@
 //! `redis+sentinel://` URLs: the master is asked of Sentinel, and after a failover the service
 //! follows the new master by itself. Real processes: a master, a replica and a sentinel.
 
-mod support;
-
 use std::process::Stdio;
 
 use librechat_bff::credentials::KeyRing;

@@ -1,7 +1,5 @@
 //! Cookie sessions end to end: the BFF router, a real Redis, and the fake identity service.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;

@@ -62,19 +62,19 @@ struct TestKey {
 
 const TEST_KEYS: [TestKey; 3] = [
     TestKey {
-        private_pem: include_str!("../fixtures/keys/idp-rsa-1.pem"),
-        public_pem: include_str!("../fixtures/keys/idp-rsa-1.pub.pem"),
-        jwk: include_str!("../fixtures/keys/idp-rsa-1.jwk.json"),
+        private_pem: include_str!("../../tests/fixtures/keys/idp-rsa-1.pem"),
+        public_pem: include_str!("../../tests/fixtures/keys/idp-rsa-1.pub.pem"),
+        jwk: include_str!("../../tests/fixtures/keys/idp-rsa-1.jwk.json"),
     },
     TestKey {
-        private_pem: include_str!("../fixtures/keys/idp-rsa-2.pem"),
-        public_pem: include_str!("../fixtures/keys/idp-rsa-2.pub.pem"),
-        jwk: include_str!("../fixtures/keys/idp-rsa-2.jwk.json"),
+        private_pem: include_str!("../../tests/fixtures/keys/idp-rsa-2.pem"),
+        public_pem: include_str!("../../tests/fixtures/keys/idp-rsa-2.pub.pem"),
+        jwk: include_str!("../../tests/fixtures/keys/idp-rsa-2.jwk.json"),
     },
     TestKey {
-        private_pem: include_str!("../fixtures/keys/idp-rsa-3.pem"),
-        public_pem: include_str!("../fixtures/keys/idp-rsa-3.pub.pem"),
-        jwk: include_str!("../fixtures/keys/idp-rsa-3.jwk.json"),
+        private_pem: include_str!("../../tests/fixtures/keys/idp-rsa-3.pem"),
+        public_pem: include_str!("../../tests/fixtures/keys/idp-rsa-3.pub.pem"),
+        jwk: include_str!("../../tests/fixtures/keys/idp-rsa-3.jwk.json"),
     },
 ];
 

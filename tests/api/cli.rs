@@ -1,8 +1,6 @@
 //! The operator CLI end to end: `users add|import|show|retry`, `jobs list|retry` against a real
 //! Redis (no LibreChat needed: nothing here runs a worker).
 
-mod support;
-
 use std::process::Output;
 
 use librechat_bff::credentials::KeyRing;

@@ -1,7 +1,5 @@
 //! Identity JWT verification against the fake identity service's real tokens and JWKS.
 
-mod support;
-
 use std::{
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -304,12 +302,12 @@ async fn jwks_unreachable_is_a_distinct_error() {
 /// The test RSA keys (`tests/fixtures/keys/`): private PEM and public JWK.
 const KEYS: [(&str, &str); 2] = [
     (
-        include_str!("fixtures/keys/idp-rsa-1.pem"),
-        include_str!("fixtures/keys/idp-rsa-1.jwk.json"),
+        include_str!("../fixtures/keys/idp-rsa-1.pem"),
+        include_str!("../fixtures/keys/idp-rsa-1.jwk.json"),
     ),
     (
-        include_str!("fixtures/keys/idp-rsa-2.pem"),
-        include_str!("fixtures/keys/idp-rsa-2.jwk.json"),
+        include_str!("../fixtures/keys/idp-rsa-2.pem"),
+        include_str!("../fixtures/keys/idp-rsa-2.jwk.json"),
     ),
 ];
 

@@ -10,7 +10,7 @@ use axum::{
 };
 use ipnet::IpNet;
 
-use crate::{app::AppState, error::ApiError};
+use crate::error::ApiError;
 
 /// The end user's address and the User-Agent to send upstream on their behalf.
 #[derive(Debug, Clone)]
@@ -22,14 +22,77 @@ pub struct ClientInfo {
     pub host: Option<HeaderValue>,
 }
 
-/// The end user behind this request (the socket peer comes from axum's `ConnectInfo`).
-pub fn client_info_of(parts: &Parts, state: &AppState) -> Result<ClientInfo, ApiError> {
-    let peer = parts
+/// Resolves the end user behind a request: which peers' forwarding headers are believed, and
+/// the browser User-Agent LibreChat gets when the client's is not one.
+#[derive(Debug, Clone)]
+pub struct EndUsers {
+    trusted_proxies: Vec<IpNet>,
+    browser_user_agent: HeaderValue,
+}
+
+/// The socket peer of a request (axum's `ConnectInfo`, set by the server for every request).
+fn peer(parts: &Parts) -> Result<IpAddr, ApiError> {
+    parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
-        .ok_or(ApiError::Internal)?;
-    Ok(client_info(peer, &parts.headers, state))
+        .ok_or(ApiError::Internal)
+}
+
+impl EndUsers {
+    pub fn new(trusted_proxies: Vec<IpNet>, browser_user_agent: HeaderValue) -> Self {
+        Self {
+            trusted_proxies,
+            browser_user_agent,
+        }
+    }
+
+    /// The end user behind this request, as LibreChat must see them.
+    pub fn client_info_of(&self, parts: &Parts) -> Result<ClientInfo, ApiError> {
+        Ok(self.client_info(peer(parts)?, &parts.headers))
+    }
+
+    /// The [`EndUser`] behind this request, as the identity service sees them.
+    pub fn end_user_of(&self, parts: &Parts) -> Result<EndUser, ApiError> {
+        Ok(EndUser {
+            ip: self.client_ip(peer(parts)?, &parts.headers),
+            user_agent: parts.headers.get(header::USER_AGENT).cloned(),
+        })
+    }
+
+    /// The end user's address: the socket peer, or behind `server.trusted_proxies` the
+    /// right-most untrusted `X-Forwarded-For` entry.
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if is_trusted(peer, &self.trusted_proxies) {
+            end_user_ip(peer, headers, &self.trusted_proxies)
+        } else {
+            peer.to_canonical()
+        }
+    }
+
+    pub fn client_info(&self, peer: IpAddr, headers: &HeaderMap) -> ClientInfo {
+        let trusted = is_trusted(peer, &self.trusted_proxies);
+        let ip = self.client_ip(peer, headers);
+        let user_agent = headers
+            .get(header::USER_AGENT)
+            .filter(|ua| ua.to_str().is_ok_and(is_browser_user_agent))
+            .cloned()
+            .unwrap_or_else(|| self.browser_user_agent.clone());
+        let proto = trusted
+            .then(|| headers.get("x-forwarded-proto").cloned())
+            .flatten()
+            .unwrap_or(HeaderValue::from_static("http"));
+        let host = trusted
+            .then(|| headers.get("x-forwarded-host").cloned())
+            .flatten()
+            .or_else(|| headers.get(header::HOST).cloned());
+        ClientInfo {
+            ip,
+            user_agent,
+            proto,
+            host,
+        }
+    }
 }
 
 /// The end user as the identity service sees them: their address and the User-Agent they sent
@@ -39,53 +102,6 @@ pub fn client_info_of(parts: &Parts, state: &AppState) -> Result<ClientInfo, Api
 pub struct EndUser {
     pub ip: IpAddr,
     pub user_agent: Option<HeaderValue>,
-}
-
-/// The [`EndUser`] behind this request (the socket peer comes from axum's `ConnectInfo`).
-pub fn end_user_of(parts: &Parts, state: &AppState) -> Result<EndUser, ApiError> {
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .ok_or(ApiError::Internal)?;
-    Ok(EndUser {
-        ip: client_ip(peer, &parts.headers, state),
-        user_agent: parts.headers.get(header::USER_AGENT).cloned(),
-    })
-}
-
-/// The end user's address: the socket peer, or behind `server.trusted_proxies` the right-most
-/// untrusted `X-Forwarded-For` entry.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, state: &AppState) -> IpAddr {
-    if is_trusted(peer, &state.trusted_proxies) {
-        end_user_ip(peer, headers, &state.trusted_proxies)
-    } else {
-        peer.to_canonical()
-    }
-}
-
-pub fn client_info(peer: IpAddr, headers: &HeaderMap, state: &AppState) -> ClientInfo {
-    let trusted = is_trusted(peer, &state.trusted_proxies);
-    let ip = client_ip(peer, headers, state);
-    let user_agent = headers
-        .get(header::USER_AGENT)
-        .filter(|ua| ua.to_str().is_ok_and(is_browser_user_agent))
-        .cloned()
-        .unwrap_or_else(|| state.browser_user_agent.clone());
-    let proto = trusted
-        .then(|| headers.get("x-forwarded-proto").cloned())
-        .flatten()
-        .unwrap_or(HeaderValue::from_static("http"));
-    let host = trusted
-        .then(|| headers.get("x-forwarded-host").cloned())
-        .flatten()
-        .or_else(|| headers.get(header::HOST).cloned());
-    ClientInfo {
-        ip,
-        user_agent,
-        proto,
-        host,
-    }
 }
 
 fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {

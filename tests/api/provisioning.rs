@@ -1,8 +1,6 @@
 //! Provisioning end to end: admin API / webhook / CSV / just-in-time triggers, the Redis job
 //! queue and workers, against the fake LibreChat and a real Redis.
 
-mod support;
-
 use std::time::Duration;
 
 use librechat_bff::{admin::hooks::sign, credentials::vault::CredentialStatus};
@@ -632,7 +630,7 @@ async fn csv_import_migrates_python_encrypted_passwords_without_registering() {
          213,not-an-email,X,\n\
          214,kim@example.com,Kim,gAAAAAnot-a-token\n"
     );
-    let report = librechat_bff::admin::ops::import_csv(&bff.state, csv.as_bytes())
+    let report = librechat_bff::admin::ops::import_csv(&bff.state.ops, csv.as_bytes())
         .await
         .expect("import");
     assert_eq!((report.migrated, report.enqueued), (1, 1));

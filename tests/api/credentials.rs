@@ -1,8 +1,6 @@
 //! The credential vault: Python-made Fernet tokens decrypt, rotation re-encrypts everything
 //! under the first key, and `credentials rotate` reports counts.
 
-mod support;
-
 use std::{process::Command, sync::Arc};
 
 use librechat_bff::{

@@ -2,8 +2,6 @@
 //! SIGTERM with an open stream, `doctor`, Redis unreachable at start, `Retry-After` of a delayed
 //! provisioning job, a custom CSRF header name, and bounded in-memory state.
 
-mod support;
-
 use std::{
     process::{Child, Command, Stdio},
     time::Duration,
@@ -794,7 +792,7 @@ async fn a_custom_csrf_header_name_is_allowed_by_cors_required_and_never_forward
 
 #[tokio::test]
 async fn abandoned_memory_sessions_and_ensure_checks_stay_bounded() {
-    use librechat_bff::{provision::ENSURE_RECENT_CAPACITY, session::BffSessionStore};
+    use librechat_bff::{provisioner::ENSURE_RECENT_CAPACITY, session::BffSessionStore};
     use tower_sessions::{
         session::{Id, Record},
         SessionStore,

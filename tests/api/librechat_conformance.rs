@@ -1,5 +1,5 @@
 //! Replays the exchanges recorded from a real LibreChat v0.8.7 (`tests/fixtures/librechat-transcripts/`)
-//! against the in-process fake (`tests/support/fake_librechat.rs`) and checks that the fake answers
+//! against the in-process fake (`test-support/src/fake_librechat/`) and checks that the fake answers
 //! the same way: status, media type, Set-Cookie names and attributes, rate-limit headers, SSE
 //! headers, and JSON shapes (key sets two levels deep, `message`/`error` strings and top-level
 //! booleans), plain-text bodies verbatim, SSE frames by kind.
@@ -22,8 +22,6 @@
 //! `ALLOW_PASSWORD_RESET` and restarted the server, replayed as `set_allow_password_reset(true)`
 //! plus `reset_limiters()`; in `chat.json` the second turn's stream was open while status, active
 //! and abort ran, replayed by holding that stream at `hold_stream_end()` until they are done.
-
-mod support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -10,7 +10,7 @@ use librechat_bff::credentials::{
 use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
 
-use super::{
+use crate::{
     bff::{config, TestBff},
     fake_idp::{FakeIdp, FakeIdpOptions, FakeUser},
     fake_librechat::{FakeLibreChat, FakeLibreChatOptions},
