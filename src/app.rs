@@ -124,6 +124,10 @@ async fn problem_shape(res: axum::response::Response) -> axum::response::Respons
     let (code, generic) = problem_code(status);
     let message = detail.unwrap_or_else(|| generic.to_owned());
     let (shaped, body) = error::problem(status, code, &message).into_parts();
+    parts.extensions.insert(error::ErrorCause {
+        code,
+        cause: message,
+    });
     parts.headers.remove(header::CONTENT_LENGTH);
     for (name, value) in &shaped.headers {
         parts.headers.insert(name.clone(), value.clone());

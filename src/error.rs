@@ -251,12 +251,21 @@ pub fn problem(status: StatusCode, code: &str, message: &str) -> Response {
     res
 }
 
+/// Response extension on the BFF's own error answers: the request's log line names the cause
+/// (once) and `bff_errors_total` counts the code (see `telemetry::middleware`).
+#[derive(Debug, Clone)]
+pub struct ErrorCause {
+    pub code: &'static str,
+    pub cause: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        if self.status().is_server_error() {
-            tracing::warn!(error = %self, code = self.code(), "request failed");
-        }
         let mut res = problem(self.status(), self.code(), &self.message());
+        res.extensions_mut().insert(ErrorCause {
+            code: self.code(),
+            cause: self.to_string(),
+        });
         if matches!(self, Self::Unauthenticated | Self::SessionEnded) {
             res.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));

@@ -33,6 +33,11 @@ pub struct GroupLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -64,6 +69,8 @@ pub struct Metrics {
     pub request_duration: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub upstream_duration: Family<GroupLabels, Histogram, fn() -> Histogram>,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// Error answers the BFF itself gave, by problem code.
+    pub errors: Family<CodeLabels, Counter>,
     pub librechat_auth: Family<AuthLabels, Counter>,
     pub identity_auth: Family<AuthLabels, Counter>,
     pub sessions: Family<EventLabels, Counter>,
@@ -95,6 +102,7 @@ impl Metrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             upstream_duration: Family::new_with_constructor(latency_histogram),
             upstream_errors: Family::default(),
+            errors: Family::default(),
             librechat_auth: Family::default(),
             identity_auth: Family::default(),
             sessions: Family::default(),
@@ -126,6 +134,11 @@ impl Metrics {
             "librechat_upstream_errors",
             "Proxied requests LibreChat did not answer, by kind",
             m.upstream_errors.clone(),
+        );
+        registry.register(
+            "errors",
+            "Error answers the BFF gave itself, by problem code",
+            m.errors.clone(),
         );
         registry.register(
             "librechat_auth",

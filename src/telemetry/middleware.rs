@@ -13,8 +13,10 @@ use tracing::Instrument;
 
 use std::sync::Arc;
 
+use crate::error::ErrorCause;
+
 use super::{
-    metrics::{route_group, Metrics, RequestLabels},
+    metrics::{route_group, CodeLabels, Metrics, RequestLabels},
     request_id, X_REQUEST_ID,
 };
 
@@ -47,8 +49,23 @@ pub async fn observe(
         .request_duration
         .get_or_create(&labels)
         .observe(elapsed.as_secs_f64());
-    span.in_scope(|| {
-        tracing::info!(status, elapsed_ms = elapsed.as_millis() as u64, "request");
+    let elapsed_ms = elapsed.as_millis() as u64;
+    // One line per request; an error the BFF answered itself carries its cause here, once.
+    span.in_scope(|| match res.extensions().get::<ErrorCause>() {
+        Some(e) => {
+            metrics
+                .errors
+                .get_or_create(&CodeLabels { code: e.code })
+                .inc();
+            // A client error's text may quote what the client sent (a password among it): only
+            // server errors, whose causes are ours, are logged in full.
+            if status >= 500 {
+                tracing::warn!(status, elapsed_ms, error = e.code, cause = %e.cause, "request");
+            } else {
+                tracing::info!(status, elapsed_ms, error = e.code, "request");
+            }
+        }
+        None => tracing::info!(status, elapsed_ms, "request"),
     });
     res
 }

@@ -135,6 +135,7 @@ async fn metrics_show_every_family_after_an_end_to_end_run() {
         "bff_http_request_duration_seconds_count",
         "bff_librechat_upstream_duration_seconds_count",
         "bff_librechat_upstream_errors_total",
+        "bff_errors_total",
         "bff_librechat_auth_total",
         "bff_identity_auth_total",
         "bff_sessions_total",
@@ -151,6 +152,11 @@ async fn metrics_show_every_family_after_an_end_to_end_run() {
     }
     assert!(text.contains(r#"bff_librechat_upstream_errors_total{kind="unreachable"}"#));
     assert!(text.contains(r#"bff_sessions_total{event="revoked"}"#));
+    // The BFF's own error answers are counted by code (LibreChat down → 502 above).
+    assert!(
+        text.contains(r#"bff_errors_total{code="librechat_unavailable"}"#),
+        "{text}"
+    );
 }
 
 /// The real binary, configured by environment against this test's world.
