@@ -39,6 +39,12 @@ pub enum ThrottleError {
 /// Checks a counter over its limit; counts the attempt in every counter when none is. KEYS are
 /// the counters, ARGV `limit, window_ms` per key. Returns 0, or the ms until the latest-ending
 /// blocking window ends.
+/// Built once: a script's SHA is computed when it is created.
+static RESERVE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RESERVE));
+static RELEASE_SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(RELEASE));
+
 const RESERVE: &str = r#"
 local wait = 0
 for i, key in ipairs(KEYS) do
@@ -155,8 +161,7 @@ impl LoginThrottle {
             Backend::Off => 0,
             Backend::Redis(redis) => {
                 let mut conn = redis.conn().await.map_err(store_error)?;
-                let script = redis::Script::new(RESERVE);
-                let mut invocation = script.prepare_invoke();
+                let mut invocation = RESERVE_SCRIPT.prepare_invoke();
                 for c in &counters {
                     invocation.key(&c.key).arg(c.limit).arg(c.window_ms);
                 }
@@ -205,8 +210,7 @@ impl LoginThrottle {
             Backend::Redis(redis) => {
                 let result = async {
                     let mut conn = redis.conn().await?;
-                    let script = redis::Script::new(RELEASE);
-                    let mut invocation = script.prepare_invoke();
+                    let mut invocation = RELEASE_SCRIPT.prepare_invoke();
                     for c in &counters {
                         invocation
                             .key(&c.key)
