@@ -151,6 +151,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A request body (upload) that sends nothing for this long ends with 408.
     pub request_body_idle_timeout_secs: u64,
+    /// Threads serving connections, each with its own single-threaded runtime; 0: one per core.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

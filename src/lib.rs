@@ -15,6 +15,7 @@ pub mod extract;
 pub mod identity;
 pub mod librechat;
 pub mod lock;
+pub mod per_core;
 pub mod probes;
 pub mod provisioner;
 pub mod proxy;

@@ -17,7 +17,7 @@
 
 use std::{
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, RwLock, Weak,
     },
     time::Duration,
@@ -63,6 +63,21 @@ struct Shared {
     connector: AtomicBool,
     watchdog: AtomicBool,
     fail_fast: AtomicBool,
+    /// Bumped whenever the shared connection is replaced or dropped: per-core copies made
+    /// before are stale.
+    generation: AtomicU64,
+    /// Each core runtime's own connection (see [`RedisHandle::conn`]), by core index.
+    cores: RwLock<Vec<CoreConn>>,
+}
+
+/// A core runtime's connection: its driver runs on that core, so a command never wakes another
+/// thread (the hot path's session lookup; see `per_core`).
+#[derive(Default)]
+struct CoreConn {
+    manager: Option<(u64, ConnectionManager)>,
+    connecting: bool,
+    /// The last attempt failed then: the next waits [`RETRY_MAX`].
+    failed_at: Option<std::time::Instant>,
 }
 
 #[derive(Clone)]
@@ -158,6 +173,8 @@ impl RedisHandle {
                 connector: AtomicBool::new(false),
                 watchdog: AtomicBool::new(false),
                 fail_fast: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                cores: RwLock::new(Vec::new()),
             }),
             prefix: prefix.into(),
         })
@@ -172,8 +189,18 @@ impl RedisHandle {
     /// A cheap clone of the shared connection. Without one, this starts the connector if it is
     /// not running, waits for an attempt under way (at most [`FAIL_FAST_WAIT`] once
     /// [`fail_fast`](Self::fail_fast)), and otherwise fails at once with the last attempt's error.
+    ///
+    /// On a core runtime (`per_core`) the connection is that core's own once it exists (made in
+    /// the background from the same target); until then, and whenever the shared connection is
+    /// down or replaced, the shared one.
     pub async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
         if let Some(m) = self.shared.current() {
+            let core = crate::per_core::current();
+            if core > 0 {
+                if let Some(own) = core_conn(&self.shared, core) {
+                    return Ok(own);
+                }
+            }
             return Ok(m);
         }
         self.connect_in_background();
@@ -255,6 +282,7 @@ impl Shared {
 
     fn set_manager(&self, manager: Option<ConnectionManager>) {
         *self.manager.write().unwrap_or_else(|p| p.into_inner()) = manager;
+        self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     async fn client(&self) -> redis::RedisResult<redis::Client> {
@@ -365,4 +393,55 @@ fn start_watchdog(shared: &Arc<Shared>) {
             }
         }
     });
+}
+
+/// This core's own connection if it is current; otherwise starts making one (on this core, so
+/// its driver runs here) and answers `None` meanwhile.
+fn core_conn(shared: &Arc<Shared>, core: usize) -> Option<ConnectionManager> {
+    let generation = shared.generation.load(Ordering::SeqCst);
+    {
+        let cores = shared.cores.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = cores.get(core) {
+            match &slot.manager {
+                Some((g, m)) if *g == generation => return Some(m.clone()),
+                _ if slot.connecting => return None,
+                _ if slot.failed_at.is_some_and(|t| t.elapsed() < RETRY_MAX) => return None,
+                _ => {}
+            }
+        }
+    }
+    {
+        let mut cores = shared.cores.write().unwrap_or_else(|p| p.into_inner());
+        if cores.len() <= core {
+            cores.resize_with(core + 1, CoreConn::default);
+        }
+        let slot = &mut cores[core];
+        if slot.connecting || slot.failed_at.is_some_and(|t| t.elapsed() < RETRY_MAX) {
+            return None;
+        }
+        slot.connecting = true;
+        slot.manager = None;
+    }
+    let weak = Arc::downgrade(shared);
+    tokio::spawn(async move {
+        let Some(shared) = weak.upgrade() else { return };
+        let made = shared.connect_once().await;
+        let mut cores = shared.cores.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = cores.get_mut(core) {
+            slot.connecting = false;
+            match made {
+                // Made against the target as it was when asked; if the shared connection was
+                // replaced since, the next use makes another.
+                Ok(m) => {
+                    slot.manager = Some((generation, m));
+                    slot.failed_at = None;
+                }
+                Err(e) => {
+                    slot.failed_at = Some(std::time::Instant::now());
+                    tracing::debug!(error = %e, core, "per-core Redis connection failed; using the shared one");
+                }
+            }
+        }
+    });
+    None
 }

@@ -16,6 +16,7 @@ use tower::ServiceExt;
 use crate::{
     app::{router, AppState, StartupError},
     config::{Config, ServerConfig, SessionStoreKind},
+    per_core::{self, CoreRuntimes},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
                 listener,
                 app,
                 limits,
+                None,
                 stopped(stop_rx.clone()),
             )))
         }
@@ -139,7 +141,15 @@ where
     F: Future<Output = ()> + Send,
 {
     let limits = ConnectionLimits::from_config(&state.config.server);
-    serve_router(listener, router(state), limits, shutdown).await;
+    let cores = match CoreRuntimes::start(per_core::count(state.config.server.worker_threads)) {
+        Ok(cores) => Some(cores),
+        Err(e) => {
+            // Still serves, on the caller's runtime.
+            tracing::error!(error = %e, "cannot start the per-core runtimes; serving on one");
+            None
+        }
+    };
+    serve_router(listener, router(state), limits, cores.as_ref(), shutdown).await;
 }
 
 /// Accept loop over hyper's HTTP/1 server:
@@ -147,6 +157,8 @@ where
 ///   connections wait in the kernel's backlog and are served once a slot frees;
 /// - every connection gets `TCP_NODELAY`, `ConnectInfo<SocketAddr>` on each request, and the
 ///   header read timeout (which hyper also applies to idle keep-alive connections);
+/// - with `cores`, each connection is served on the core runtime with the fewest open
+///   connections (see [`per_core`]); without, on the caller's runtime;
 /// - when `shutdown` resolves the listener is closed at once (new connections are refused), idle
 ///   connections close, in-flight requests and streams may finish for `drain_timeout`; whatever
 ///   is still open then is cut.
@@ -154,6 +166,7 @@ pub async fn serve_router<F>(
     listener: TcpListener,
     app: Router,
     limits: ConnectionLimits,
+    cores: Option<&CoreRuntimes>,
     shutdown: F,
 ) where
     F: Future<Output = ()> + Send,
@@ -184,14 +197,36 @@ pub async fn serve_router<F>(
                 let Ok(slot) = slot else { break };
                 match accepted {
                     Ok((stream, peer)) => {
-                        connections.spawn(serve_connection(
-                            stream,
+                        let conn = Connection {
                             peer,
-                            app.clone(),
-                            limits.header_read_timeout,
-                            stopping_rx.clone(),
-                            slot,
-                        ));
+                            app: app.clone(),
+                            header_read_timeout: limits.header_read_timeout,
+                            stopping: stopping_rx.clone(),
+                            _slot: slot,
+                        };
+                        match cores.and_then(CoreRuntimes::place) {
+                            None => {
+                                connections.spawn(conn.serve(stream));
+                            }
+                            // The socket moves to the core's own reactor.
+                            Some((core, placement)) => match stream.into_std() {
+                                Ok(stream) => {
+                                    connections.spawn_on(
+                                        async move {
+                                            let _placement = placement;
+                                            match TcpStream::from_std(stream) {
+                                                Ok(stream) => conn.serve(stream).await,
+                                                Err(e) => tracing::debug!(error = %e, "cannot move a connection to its core"),
+                                            }
+                                        },
+                                        &core,
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::debug!(error = %e, "cannot move a connection to its core");
+                                }
+                            },
+                        }
                     }
                     Err(e) if is_per_connection(&e) => {
                         tracing::debug!(error = %e, "accept: connection failed before it was accepted");
@@ -233,45 +268,56 @@ fn is_per_connection(e: &std::io::Error) -> bool {
     )
 }
 
-/// One HTTP/1 connection; `_slot` is its place under `max_connections`, freed when it ends.
-async fn serve_connection(
-    stream: TcpStream,
+/// One accepted HTTP/1 connection; `_slot` is its place under `max_connections`, freed when it
+/// ends.
+struct Connection {
     peer: SocketAddr,
     app: Router,
     header_read_timeout: Duration,
-    mut stopping: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
-) {
-    if let Err(e) = stream.set_nodelay(true) {
-        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-    }
-    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        app.clone().oneshot(req.map(Body::new))
-    });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_read_timeout)
-        .keep_alive(true);
-    let conn = builder.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let shutdown_requested = async {
-        if stopping.wait_for(|s| *s).await.is_err() {
-            std::future::pending::<()>().await;
+}
+
+impl Connection {
+    async fn serve(self, stream: TcpStream) {
+        let Connection {
+            peer,
+            app,
+            header_read_timeout,
+            mut stopping,
+            _slot,
+        } = self;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-    };
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = shutdown_requested => {
-            // Idle: closes now; mid-request: after the response (no more keep-alive).
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(Body::new))
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .keep_alive(true);
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let shutdown_requested = async {
+            if stopping.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            () = shutdown_requested => {
+                // Idle: closes now; mid-request: after the response (no more keep-alive).
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            // Header timeouts, clients gone mid-request, malformed requests: the client's business.
+            tracing::debug!(error = %e, %peer, "connection ended with an error");
         }
-    };
-    if let Err(e) = result {
-        // Header timeouts, clients gone mid-request, malformed requests: the client's business.
-        tracing::debug!(error = %e, %peer, "connection ended with an error");
     }
 }
 

@@ -136,8 +136,13 @@ impl AppState {
         if runtime {
             background.push(tokens.listen_for_revocations().abort_handle());
         }
-        let upstream =
-            Arc::new(Upstream::new(&config.librechat)?.with_csrf_header(&config.csrf.header_name)?);
+        let upstream = Arc::new(
+            Upstream::new(
+                &config.librechat,
+                crate::per_core::count(config.server.worker_threads),
+            )?
+            .with_csrf_header(&config.csrf.header_name)?,
+        );
         let browser_user_agent = HeaderValue::from_str(&config.librechat.browser_user_agent)
             .map_err(|_| ConfigError::Invalid {
                 key: "librechat.browser_user_agent".into(),

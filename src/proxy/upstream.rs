@@ -42,7 +42,9 @@ use crate::{
 };
 
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    /// One connection pool per core runtime (index 0: any other thread), so a request never
+    /// borrows a connection whose task runs on another thread (see `per_core`).
+    clients: Box<[Client<HttpConnector, Body>]>,
     scheme: Scheme,
     authority: Authority,
     /// `{base path}/api/`: what `/api/chat/` maps to.
@@ -65,7 +67,8 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    pub fn new(cfg: &LibreChatConfig) -> Result<Self, ConfigError> {
+    /// `cores`: the number of core runtimes that will use it (`server.worker_threads`).
+    pub fn new(cfg: &LibreChatConfig, cores: usize) -> Result<Self, ConfigError> {
         let bad = |reason: &str| ConfigError::Invalid {
             key: "librechat.url".into(),
             reason: reason.into(),
@@ -82,11 +85,15 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
-            .build(connector);
+        let clients = (0..=cores)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
+                    .build(connector.clone())
+            })
+            .collect();
         Ok(Self {
-            client,
+            clients,
             scheme: Scheme::HTTP,
             authority,
             prefix: format!("{base}/api/"),
@@ -185,7 +192,8 @@ impl Upstream {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        let request = self.client.request(req);
+        let client = &self.clients[crate::per_core::current() % self.clients.len()];
+        let request = client.request(req);
         tokio::pin!(request);
         if let Some(progress) = progress {
             // Until the body is sent: no total limit, only LibreChat not taking it.
