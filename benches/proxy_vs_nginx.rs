@@ -24,8 +24,8 @@
 //! `--smoke` (every mode, tiny: 1 round of 1 s, 50 streams; exits non-zero when anything fails;
 //! run by `scripts/test.sh`), `--modes`, `--rounds N`, `--secs N`, `--connections 8,64,256`,
 //! `--streams N`, `--bursts N`, `--settle-secs N` (RSS again this long after the close),
-//! `--sse-frames N`, `--sse-interval-ms N`, `--sse-streams N` (concurrent streams per path),
-//! `--bff-bin PATH` (another build of the binary, for A/B), `--bff-env K=V,K=V` (extra
+//! `--sse-frames N`, `--sse-interval-ms N`, `--sse-streams N` (concurrent streams per path), `--held-auth cookie|bearer`,
+//! `--bff-bin PATH` (another build of the binary, for A/B), `--bff-env 'K=V K=V'` (extra
 //! environment for the BFF, e.g. `LD_PRELOAD=...` or `MALLOC_ARENA_MAX=2`).
 //!
 //! Needs `nginx`, `wrk` and `redis-server`; when one is missing it runs
@@ -99,6 +99,8 @@ struct Opts {
     sse_frames: usize,
     sse_interval_ms: u64,
     sse_streams: usize,
+    /// Held streams through the BFF signed in with the session cookie (default) or Bearer.
+    held_bearer: bool,
     bff_bin: PathBuf,
     bff_env: Vec<(String, String)>,
 }
@@ -169,10 +171,9 @@ impl Opts {
         };
         let bff_env = get("bff_env")
             .map(|s| {
-                s.split(',')
-                    .filter(|kv| !kv.trim().is_empty())
+                s.split_whitespace()
                     .map(|kv| match kv.split_once('=') {
-                        Some((k, v)) => (k.trim().to_owned(), v.trim().to_owned()),
+                        Some((k, v)) => (k.to_owned(), v.to_owned()),
                         None => die(&format!("--bff-env: {kv:?} is not KEY=VALUE")),
                     })
                     .collect()
@@ -194,6 +195,11 @@ impl Opts {
             ),
             sse_interval_ms: num("sse_interval_ms", get("sse_interval_ms"), 5),
             sse_streams: num("sse_streams", get("sse_streams"), if smoke { 2 } else { 4 }),
+            held_bearer: match get("held_auth").as_deref() {
+                None | Some("cookie") => false,
+                Some("bearer") => true,
+                Some(other) => die(&format!("--held-auth: cookie or bearer, not {other:?}")),
+            },
             bff_bin: get("bff_bin")
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_librechat-bff"))),
@@ -336,7 +342,20 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM (a graceful exit, so e.g. a profiler wrapped around it writes its output), then
+    /// SIGKILL if it is still running 10 s later.
     fn drop(&mut self) {
+        // SAFETY: a signal to our own child, which has not been reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -1118,7 +1137,7 @@ struct Held {
 }
 
 const H_NGINX: &str = "nginx `proxy_pass`";
-const H_BFF: &str = "librechat-bff (cookie)";
+const H_BFF: &str = "librechat-bff";
 
 async fn held(world: &World, report: &mut Report) {
     let o = &world.opts;
@@ -1147,7 +1166,11 @@ async fn held(world: &World, report: &mut Report) {
             ([127, 0, 0, 1], bff_port).into(),
             request(
                 "/api/chat/sse/idle",
-                &format!("Cookie: {cookie}\r\nX-CSRF: 1\r\n"),
+                &if o.held_bearer {
+                    format!("Authorization: Bearer {}\r\n", world.bearer)
+                } else {
+                    format!("Cookie: {cookie}\r\nX-CSRF: 1\r\n")
+                },
             ),
             bff.pid(),
         ),
@@ -1427,8 +1450,8 @@ impl Report {
         if !self.held.is_empty() {
             let _ = writeln!(
                 md,
-                "### Held idle SSE streams: {} per burst, {} burst(s); RSS of the proxy process\n",
-                o.streams, o.bursts
+                "### Held idle SSE streams: {} per burst, {} burst(s), the BFF's signed in with {}; RSS of the proxy process\n",
+                o.streams, o.bursts, if o.held_bearer { "a Bearer JWT" } else { "the session cookie" }
             );
             let _ = writeln!(md, "| target | burst | streams | RSS start | RSS held | per stream | RSS after close | after close vs start | +{} s | vs start |\n|---|---|---|---|---|---|---|---|---|---|", o.settle_secs);
             for h in &self.held {
