@@ -26,7 +26,8 @@
 //! `--streams N`, `--bursts N`, `--settle-secs N` (RSS again this long after the close),
 //! `--sse-frames N`, `--sse-interval-ms N`, `--sse-streams N` (concurrent streams per path), `--held-auth cookie|bearer`,
 //! `--bff-bin PATH` (another build of the binary, for A/B), `--bff-env 'K=V K=V'` (extra
-//! environment for the BFF, e.g. `LD_PRELOAD=...` or `MALLOC_ARENA_MAX=2`).
+//! environment for the BFF, e.g. `LD_PRELOAD=...` or `MALLOC_ARENA_MAX=2`). `PERF_OUT=FILE`
+//! records a `perf` profile of the BFF during each of its throughput runs (`FILE.cookie.c64.r1`...).
 //!
 //! Needs `nginx`, `wrk` and `redis-server`; when one is missing it runs
 //! `scripts/bench-deps.sh`, which installs them from Debian.
@@ -292,15 +293,29 @@ fn context_switches(pid: u32) -> u64 {
 
 /// Resident set size in KiB.
 fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` line of /proc/PID/status (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// "anon A KiB + file F KiB": what the RSS is made of (file: the binary's and libraries' pages).
+fn rss_parts(pid: u32) -> String {
+    format!(
+        "anon {} + file {} KiB",
+        status_kib(pid, "RssAnon:"),
+        status_kib(pid, "RssFile:")
+    )
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -912,7 +927,26 @@ async fn throughput(world: &World, report: &mut Report) {
                     targets.iter().rev().collect()
                 };
                 for t in order {
+                    // PERF_OUT=<file>: a `perf record` profile of the BFF during its runs.
+                    let perf = std::env::var("PERF_OUT")
+                        .ok()
+                        .filter(|_| t.name.starts_with("librechat-bff"))
+                        .and_then(|out| {
+                            let kind = if t.name.contains("cookie") { "cookie" } else { "bearer" };
+                            Command::new("perf")
+                                .args(["record", "-F", "499", "-g", "-o"])
+                                .arg(format!("{out}.{kind}.c{c}.r{}", round + 1))
+                                .args(["-p", &t.pid.to_string(), "--", "sleep"])
+                                .arg(secs.saturating_sub(1).max(1).to_string())
+                                .stdout(Stdio::null())
+                                .stderr(Stdio::null())
+                                .spawn()
+                                .ok()
+                        });
                     let s = wrk(&t.url, &t.headers, c, secs, t.pid);
+                    if let Some(mut p) = perf {
+                        let _ = p.wait();
+                    }
                     match &s {
                         Ok(s) => eprintln!(
                             "round {} c={c:<3} {:<46} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  CPU {:.1} µs/req  {:.3} cs/req",
@@ -992,6 +1026,9 @@ async fn sse_stream(
     Ok(latencies)
 }
 
+/// (name, address, path and query, extra request headers).
+type SsePath = (&'static str, SocketAddr, String, Vec<(String, String)>);
+
 const P_DIRECT: &str = "direct (emitter)";
 const P_NGINX: &str = "nginx `proxy_pass`";
 const P_BFF: &str = "librechat-bff (cookie)";
@@ -1003,7 +1040,7 @@ async fn sse(world: &World, report: &mut Report) {
         .bff("bff (sse)", &format!("http://{}", world.emitter.addr))
         .await;
     let query = format!("n={}&ms={}", o.sse_frames, o.sse_interval_ms);
-    let paths: Vec<(&'static str, SocketAddr, String, Vec<(String, String)>)> = vec![
+    let paths: Vec<SsePath> = vec![
         (
             P_DIRECT,
             world.emitter.addr,
@@ -1194,6 +1231,7 @@ async fn held(world: &World, report: &mut Report) {
         }
         let fds = wait_fds(*pid, usize::MAX, Duration::ZERO).await;
         start.insert(name, (rss_kib(*pid), fds));
+        eprintln!("held {name}: start RSS {}", rss_parts(*pid));
     }
     for burst in 0..o.bursts {
         let order: Vec<_> = if burst % 2 == 0 {
@@ -1244,6 +1282,11 @@ async fn held(world: &World, report: &mut Report) {
                 tokio::time::sleep(Duration::from_secs(o.settle_secs)).await;
             }
             let settled_kib = rss_kib(*pid);
+            eprintln!(
+                "held {name}: RSS after the close and {} s: {}",
+                o.settle_secs,
+                rss_parts(*pid)
+            );
             let h = Held {
                 target: name,
                 burst: burst + 1,

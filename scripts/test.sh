@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one test command: makes sure redis-server exists (installs it when missing), then runs
 # every test of the workspace. Tests start their own Redis instances on ephemeral ports.
+# Then a smoke run of the proxy benchmark (every mode, tiny), so it cannot rot; it needs nginx
+# and wrk, installed when missing (scripts/bench-deps.sh). SKIP_BENCH_SMOKE=1 skips it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,3 +17,8 @@ fi
 command -v redis-server >/dev/null 2>&1 && redis-server --version
 
 cargo test --workspace --all-targets "$@"
+
+if [ "${SKIP_BENCH_SMOKE:-0}" != "1" ]; then
+  bash scripts/bench-deps.sh
+  cargo bench --bench proxy_vs_nginx -- --smoke
+fi
