@@ -451,7 +451,7 @@ struct World {
     opts: Opts,
     dir: tempfile::TempDir,
     nofile: u64,
-    _redis: RedisServer,
+    redis: RedisServer,
     _idp: FakeIdp,
     _lc: FakeLibreChat,
     emitter: Emitter,
@@ -551,7 +551,7 @@ impl World {
             opts,
             dir,
             nofile,
-            _redis: redis,
+            redis,
             _idp: idp,
             _lc: lc,
             emitter,
@@ -787,6 +787,8 @@ struct Sample {
     p99_ms: f64,
     cpu_us: f64,
     csw: f64,
+    /// Commands Redis processed during the run, per request (the session store's round trips).
+    redis: f64,
 }
 
 /// wrk's latency ("301.00us", "1.23ms", "1.01s") in milliseconds.
@@ -802,7 +804,29 @@ fn parse_latency(s: &str) -> Option<f64> {
     })
 }
 
-fn wrk(url: &str, headers: &[String], c: u32, secs: u32, pid: u32) -> Result<Sample, String> {
+/// Commands processed so far by the Redis at `url` (`INFO stats`), less the INFO itself.
+fn redis_commands(url: &str) -> Result<u64, String> {
+    let client = redis::Client::open(url).map_err(|e| format!("redis: {e}"))?;
+    let mut con = client.get_connection().map_err(|e| format!("redis: {e}"))?;
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query(&mut con)
+        .map_err(|e| format!("redis INFO: {e}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "redis INFO: no total_commands_processed".into())
+}
+
+fn wrk(
+    url: &str,
+    headers: &[String],
+    c: u32,
+    secs: u32,
+    pid: u32,
+    redis_url: &str,
+) -> Result<Sample, String> {
+    let commands = redis_commands(redis_url)?;
     let ticks = cpu_ticks(pid);
     let switches = context_switches(pid);
     let mut cmd = Command::new("wrk");
@@ -813,6 +837,8 @@ fn wrk(url: &str, headers: &[String], c: u32, secs: u32, pid: u32) -> Result<Sam
     let out = cmd.arg(url).output().map_err(|e| format!("wrk: {e}"))?;
     let ticks = cpu_ticks(pid).saturating_sub(ticks);
     let switches = context_switches(pid).saturating_sub(switches);
+    // The INFO that reads the count is one command of its own.
+    let commands = redis_commands(redis_url)?.saturating_sub(commands + 1);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
         return Err(format!(
@@ -854,6 +880,7 @@ fn wrk(url: &str, headers: &[String], c: u32, secs: u32, pid: u32) -> Result<Sam
         p99_ms: latency("99%"),
         cpu_us: ticks as f64 / clock_ticks_per_sec() * 1e6 / requests,
         csw: switches as f64 / requests,
+        redis: commands as f64 / requests,
     })
 }
 
@@ -909,13 +936,14 @@ async fn throughput(world: &World, report: &mut Report) {
         },
     ];
     let (rounds, secs, conns, smoke) = (o.rounds, o.secs, o.connections.clone(), o.smoke);
+    let redis_url = world.redis.url();
     // wrk blocks: run it off the runtime that serves the fakes and the emitter's auth.
     let results = tokio::task::spawn_blocking(move || {
         let mut results: Vec<(usize, u32, &'static str, Result<Sample, String>)> = Vec::new();
         if !smoke {
             eprintln!("warm-up: 1 s per target");
             for t in &targets {
-                let _ = wrk(&t.url, &t.headers, 64, 1, t.pid);
+                let _ = wrk(&t.url, &t.headers, 64, 1, t.pid, &redis_url);
             }
         }
         for round in 0..rounds {
@@ -943,14 +971,14 @@ async fn throughput(world: &World, report: &mut Report) {
                                 .spawn()
                                 .ok()
                         });
-                    let s = wrk(&t.url, &t.headers, c, secs, t.pid);
+                    let s = wrk(&t.url, &t.headers, c, secs, t.pid, &redis_url);
                     if let Some(mut p) = perf {
                         let _ = p.wait();
                     }
                     match &s {
                         Ok(s) => eprintln!(
-                            "round {} c={c:<3} {:<46} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  CPU {:.1} µs/req  {:.3} cs/req",
-                            round + 1, t.name, s.rps, s.p50_ms, s.p99_ms, s.cpu_us, s.csw
+                            "round {} c={c:<3} {:<46} {:>9.0} req/s  p50 {:.2} ms  p99 {:.2} ms  CPU {:.1} µs/req  {:.3} cs/req  {:.2} Redis cmds/req",
+                            round + 1, t.name, s.rps, s.p50_ms, s.p99_ms, s.cpu_us, s.csw, s.redis
                         ),
                         Err(e) => eprintln!("round {} c={c} {}: FAILED: {e}", round + 1, t.name),
                     }
@@ -1398,7 +1426,7 @@ impl Report {
                  server process's own (all threads), per request.\n",
                 o.secs, o.rounds
             );
-            md.push_str("| target | conns | req/s | p50 | p99 | server CPU per request | context switches per request |\n|---|---|---|---|---|---|---|\n");
+            md.push_str("| target | conns | req/s | p50 | p99 | server CPU per request | context switches per request | Redis commands per request |\n|---|---|---|---|---|---|---|---|\n");
             for &c in &o.connections {
                 for name in [T_DIRECT, T_NGINX, T_COOKIE, T_BEARER] {
                     let s = self.of(c, name);
@@ -1420,12 +1448,13 @@ impl Report {
                     };
                     let _ = writeln!(
                         md,
-                        "| {name} | {c} | {} | {} | {} | {} | {} |",
+                        "| {name} | {c} | {} | {} | {} | {} | {} | {} |",
                         col(&|x| x.rps, &|v| format!("{:.0}", v)),
                         col(&|x| x.p50_ms, &|v| format!("{v:.2} ms")),
                         col(&|x| x.p99_ms, &|v| format!("{v:.2} ms")),
                         col(&|x| x.cpu_us, &|v| format!("{v:.1} µs")),
                         col(&|x| x.csw, &|v| format!("{v:.3}")),
+                        col(&|x| x.redis, &|v| format!("{v:.2}")),
                     );
                 }
             }
@@ -1443,7 +1472,21 @@ impl Report {
                     self.ratio(c, T_BEARER, T_NGINX, |s| s.cpu_us),
                 );
             }
-            md.push('\n');
+            let redis = |name: &str| {
+                let v: Vec<f64> = self
+                    .samples
+                    .iter()
+                    .filter(|(_, _, n, _)| *n == name)
+                    .map(|(_, _, _, s)| s.redis)
+                    .collect();
+                percentile(&v, 100.0)
+            };
+            let _ = writeln!(
+                md,
+                "\nRedis commands per request, most of any run: cookie {:.2}, Bearer {:.2} (goal: at most 1 and 0 on the warm path)\n",
+                redis(T_COOKIE),
+                redis(T_BEARER)
+            );
         }
         if !self.sse.is_empty() {
             let _ = writeln!(
