@@ -136,6 +136,9 @@ pub struct LibreChatConfig {
     pub max_request_body_bytes: u64,
     pub replay_buffer_bytes: usize,
     pub pool_idle_timeout_secs: u64,
+    /// PEM bundle of the CAs trusted for an https:// LibreChat (only these); empty: the
+    /// system's roots.
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -163,6 +166,11 @@ pub struct RedisConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_file: Option<String>,
     pub key_prefix: String,
+    /// TLS (`rediss…://`): PEM bundle of the CAs trusted (only these); empty: the system's roots.
+    pub tls_ca_file: String,
+    /// TLS client certificate (PEM) and its key, for Redis servers that require one.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -229,6 +237,9 @@ pub struct IdentityConfig {
     pub refresh_request_field: String,
     pub refresh_skew_secs: u64,
     pub timeout_secs: u64,
+    /// PEM bundle of the CAs trusted for an https:// identity service (token endpoints and
+    /// JWKS; only these); empty: the system's roots.
+    pub tls_ca_file: String,
     pub jwt: JwtConfig,
     pub claims: ClaimsConfig,
 }
@@ -367,23 +378,27 @@ impl Config {
         self.listen_addr()?;
         self.trusted_proxies()?;
         self.validate_server()?;
-        let url = self.redis.url.expose();
-        if url.starts_with("rediss://") {
-            // Not built in (yet): fail here, with the reason, rather than at the first request.
-            return Err(invalid(
-                "redis.url",
-                "TLS (rediss://) is not supported: use redis://, unix:// or redis+sentinel:// \
-                 (e.g. through a local TLS-terminating proxy)",
-            ));
+        let (_, redis_tls) = crate::redis_conn::target::describe(self.redis.url.expose())?;
+        let r = &self.redis;
+        if !redis_tls {
+            for (key, value) in [
+                ("redis.tls_ca_file", &r.tls_ca_file),
+                ("redis.tls_cert_file", &r.tls_cert_file),
+                ("redis.tls_key_file", &r.tls_key_file),
+            ] {
+                if !value.is_empty() {
+                    return Err(invalid(
+                        key,
+                        "set, but redis.url does not use TLS (rediss://, rediss+sentinel:// or \
+                         rediss+cluster://)",
+                    ));
+                }
+            }
         }
-        if !(url.starts_with("redis://")
-            || url.starts_with("redis+unix://")
-            || url.starts_with("unix://")
-            || url.starts_with("redis+sentinel://"))
-        {
+        if r.tls_cert_file.is_empty() != r.tls_key_file.is_empty() {
             return Err(invalid(
-                "redis.url",
-                "must start with redis://, unix:// or redis+sentinel://",
+                "redis.tls_cert_file",
+                "set both redis.tls_cert_file and redis.tls_key_file, or neither",
             ));
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
@@ -479,6 +494,15 @@ impl Config {
         }
         if id.timeout_secs == 0 {
             return Err(invalid("identity.timeout_secs", "must be > 0"));
+        }
+        if !id.tls_ca_file.is_empty()
+            && !id.base_url.starts_with("https://")
+            && !id.jwt.jwks_url.starts_with("https://")
+        {
+            return Err(invalid(
+                "identity.tls_ca_file",
+                "set, but neither identity.base_url nor identity.jwt.jwks_url is https://",
+            ));
         }
         parse_algorithms(&id.jwt)?;
         if id.jwt.jwks_max_age_secs == 0 {
@@ -600,7 +624,15 @@ impl Config {
     fn validate_librechat(&self) -> Result<(), ConfigError> {
         let lc = &self.librechat;
         match url::Url::parse(&lc.url) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(u) if u.scheme() == "https" => {}
+            Ok(u) if u.scheme() == "http" => {
+                if !lc.tls_ca_file.is_empty() {
+                    return Err(invalid(
+                        "librechat.tls_ca_file",
+                        "set, but librechat.url is http:// (use https:// or drop the CA file)",
+                    ));
+                }
+            }
             _ => {
                 return Err(invalid(
                     "librechat.url",

@@ -90,7 +90,7 @@ impl AppState {
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
         let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
         let metrics = Arc::new(Metrics::new());
-        let http = IdentityClient::http_client(&config.identity);
+        let http = IdentityClient::http_client(&config.identity)?;
         let verifier = IdentityVerifier::with_clock(
             &config.identity.jwt,
             &config.identity.claims,
@@ -98,7 +98,7 @@ impl AppState {
             clock.clone(),
         )?;
         let identity = IdentityClient::new(&config.identity, http);
-        let redis = RedisHandle::new(config.redis.url.expose(), &config.redis.key_prefix)?;
+        let redis = RedisHandle::from_config(&config.redis)?;
         let runtime = tokio::runtime::Handle::try_current().is_ok();
         // Connecting never blocks start-up or a request (see src/redis_conn.rs).
         if runtime {
@@ -123,8 +123,9 @@ impl AppState {
         };
         let sessions = Arc::new(SessionRegistry::new(store, redis.clone(), keyring.clone()));
         let vault = CredentialVault::new(redis.clone(), keyring.clone(), clock.clone());
+        let librechat = LibreChatClient::new(&config.librechat)?;
         let tokens = Arc::new(TokenManager::new(
-            LibreChatClient::new(&config.librechat),
+            librechat.clone(),
             vault.clone(),
             redis.clone(),
             keyring.clone(),
@@ -158,7 +159,7 @@ impl AppState {
             &config,
             redis.clone(),
             vault.clone(),
-            LibreChatClient::new(&config.librechat),
+            librechat,
             browser_user_agent.clone(),
             metrics.clone(),
             service_account,
