@@ -93,13 +93,14 @@ impl std::fmt::Debug for CaBundle {
     }
 }
 
-/// The rustls configuration of HTTP/1.1 calls to a service: the bundle's certificates when
-/// given, else the system's trusted roots (the platform verifier, as reqwest uses).
+/// The rustls configuration of calls to a service: the bundle's certificates when given, else
+/// the system's trusted roots (the platform verifier, as reqwest uses). No ALPN: the HTTP
+/// connector sets its own.
 pub fn http_client_config(key: &str, ca: Option<&CaBundle>) -> Result<ClientConfig, ConfigError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid(key, format!("TLS setup failed: {e}")))?;
-    let mut config = match ca {
+    let config = match ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in &ca.certs {
@@ -117,7 +118,6 @@ pub fn http_client_config(key: &str, ca: Option<&CaBundle>) -> Result<ClientConf
                 .with_no_client_auth()
         }
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
 

@@ -10,6 +10,7 @@
 
 mod bridge;
 mod cli;
+mod cluster;
 mod compose;
 mod config;
 mod credentials;
