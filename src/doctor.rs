@@ -129,25 +129,24 @@ async fn redis_checks(state: &AppState) -> Vec<Check> {
     let tls = if redis.uses_tls() { ", TLS" } else { "" };
     let mut conn = match redis.conn().await {
         Ok(c) => c,
-        Err(e) if crate::tls::is_tls_failure(&e) => {
-            return vec![fail(
-                format!(
-                    "Redis at {url}: TLS handshake failed: {}",
-                    redis_conn::describe_error(&e)
-                ),
-                "set redis.tls_ca_file to the CA that signed the Redis certificate (its chain, \
-                 validity dates and host name are verified), and name the host as the \
-                 certificate does",
-            )]
-        }
         Err(e) => {
-            return vec![fail(
-                format!(
-                    "Redis unreachable at {url}: {}",
-                    redis_conn::describe_error(&e)
-                ),
-                "start Redis or fix redis.url (credentials, sessions and jobs live there)",
-            )]
+            let mut detail = redis_conn::describe_error(&e);
+            if !detail.contains(url) {
+                detail = format!("{url}: {detail}");
+            }
+            return vec![if crate::tls::is_tls_failure(&e) {
+                fail(
+                    format!("Redis TLS handshake failed: {detail}"),
+                    "set redis.tls_ca_file to the CA that signed the Redis certificate (its chain, \
+                     validity dates and host name are verified), and name the host as the \
+                     certificate does",
+                )
+            } else {
+                fail(
+                    format!("Redis unreachable: {detail}"),
+                    "start Redis or fix redis.url (credentials, sessions and jobs live there)",
+                )
+            }];
         }
     };
     match redis::cmd("PING").query_async::<String>(&mut conn).await {

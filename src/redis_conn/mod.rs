@@ -234,8 +234,14 @@ impl RedisHandle {
             return Ok(m);
         }
         Err(match settled {
+            // The last attempt's error, naming the URL (without its password): a command-line
+            // tool prints it as it is.
             Ok(Ok(l)) => match &*l {
-                Link::Down(e) => e.clone(),
+                Link::Down(e) => RedisError::from((
+                    e.kind(),
+                    "Redis unreachable",
+                    format!("{}: {}", self.shared.shown_url, describe_error(e)),
+                )),
                 _ => not_connected("the connection was just dropped"),
             },
             Ok(Err(_)) => not_connected("the connector stopped"),

@@ -119,8 +119,34 @@ fn bad_values_name_the_key_and_the_reason() {
             "csrf.header_name",
         ),
         (
-            &[("BFF__REDIS__URL", "rediss://cache.example.com:6380")],
+            &[("BFF__REDIS__URL", "redis+cluster://10.0.0.1")],
             "redis.url",
+        ),
+        (
+            &[(
+                "BFF__REDIS__URL",
+                "rediss://cache.example.com:6380/#insecure",
+            )],
+            "redis.url",
+        ),
+        (
+            &[("BFF__REDIS__TLS_CA_FILE", "/etc/ca.pem")],
+            "redis.tls_ca_file",
+        ),
+        (
+            &[
+                ("BFF__REDIS__URL", "rediss://cache.example.com:6380"),
+                ("BFF__REDIS__TLS_CERT_FILE", "/etc/client.pem"),
+            ],
+            "redis.tls_cert_file",
+        ),
+        (
+            &[("BFF__LIBRECHAT__TLS_CA_FILE", "/etc/ca.pem")],
+            "librechat.tls_ca_file",
+        ),
+        (
+            &[("BFF__IDENTITY__TLS_CA_FILE", "/etc/ca.pem")],
+            "identity.tls_ca_file",
         ),
     ];
     for (env, key) in cases {
@@ -129,6 +155,16 @@ fn bad_values_name_the_key_and_the_reason() {
     }
     let msg = error_text(load(&[("BFF__SESSION__IDLE_TIMEOUT_SECS", "soon")]));
     assert!(msg.contains("idle_timeout_secs"), "{msg}");
+    // Every topology's URL syntax loads (TLS included).
+    for url in [
+        "rediss://:pw@cache.example.com:6380/0",
+        "unix:///run/redis.sock",
+        "rediss+sentinel://:pw@s1:26379,s2:26379/mymaster/0",
+        "redis+cluster://n1:6379,n2:6379",
+        "rediss+cluster://user:pw@n1:6379",
+    ] {
+        load(&[("BFF__REDIS__URL", url)]).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
 }
 
 #[test]

@@ -18,5 +18,7 @@ mod identity;
 mod librechat_conformance;
 mod operations;
 mod provisioning;
+mod scale_out;
 mod sentinel;
 mod sessions;
+mod tls;
