@@ -112,7 +112,7 @@ pub enum Topology {
 pub(super) enum Target {
     Direct(redis::Client),
     Sentinel(Mutex<SentinelClient>),
-    Cluster(ClusterTarget),
+    Cluster(Box<ClusterTarget>),
 }
 
 pub(super) struct ClusterTarget {
@@ -297,7 +297,7 @@ pub(super) fn build(url: &str, tls: &RedisTls) -> Result<Target, ConfigError> {
                 .map_err(|e| invalid(format!("not a Redis URL ({:?})", e.kind())))
         }
         Topology::Sentinel => sentinel(rest, use_tls, tls).map(|c| Target::Sentinel(Mutex::new(c))),
-        Topology::Cluster => cluster(rest, use_tls, tls).map(Target::Cluster),
+        Topology::Cluster => cluster(rest, use_tls, tls).map(|c| Target::Cluster(Box::new(c))),
     }
 }
 

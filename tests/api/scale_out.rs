@@ -122,7 +122,7 @@ pub struct Signed {
 /// tokens and the replicas renew them once expired (`TOKEN_REFRESH_SKEW_SECS=0`).
 pub async fn exercise(w: &World, a: &TestBff, b: &TestBff, users: usize) -> Signed {
     // Login on one replica, the same session on the other.
-    w.user(&a, 1).await;
+    w.user(a, 1).await;
     let mut on_a = a.client();
     assert_eq!(
         on_a.login("user1", ID_PASSWORD).await.status,
@@ -139,18 +139,18 @@ pub async fn exercise(w: &World, a: &TestBff, b: &TestBff, users: usize) -> Sign
     assert_eq!(chat.status, StatusCode::OK, "{}", chat.body);
     let login_token_expires = tokio::time::Instant::now() + TOKEN_LIFETIME;
     let bearer = w.bearer(1);
-    let (status, convos) = get_json(&a, "/api/chat/convos", &bearer).await;
+    let (status, convos) = get_json(a, "/api/chat/convos", &bearer).await;
     assert_eq!(status, StatusCode::OK, "{convos}");
     assert_eq!(w.lc.login_calls(), 1);
     assert_eq!(w.lc.refresh_calls(), 0);
 
     // The revocation channel: b holds user 2's token in memory; a deactivates the user; b stops
     // serving within a second (pub/sub).
-    w.user(&a, 2).await;
+    w.user(a, 2).await;
     let bearer2 = w.bearer(2);
     for _ in 0..2 {
         assert_eq!(
-            get_json(&b, "/api/chat/convos", &bearer2).await.0,
+            get_json(b, "/api/chat/convos", &bearer2).await.0,
             StatusCode::OK
         );
     }
@@ -163,7 +163,7 @@ pub async fn exercise(w: &World, a: &TestBff, b: &TestBff, users: usize) -> Sign
     assert_eq!(deactivated.status(), StatusCode::OK);
     let started = tokio::time::Instant::now();
     eventually(3, "replica b to refuse the deactivated user", || async {
-        let (status, _) = get_json(&b, "/api/chat/convos", &bearer2).await;
+        let (status, _) = get_json(b, "/api/chat/convos", &bearer2).await;
         (status == StatusCode::FORBIDDEN).then_some(())
     })
     .await;
@@ -182,7 +182,7 @@ pub async fn exercise(w: &World, a: &TestBff, b: &TestBff, users: usize) -> Sign
     for result in join_all(enqueued).await {
         result.expect("enqueue");
     }
-    wait_ready(&a, &ids, 120).await;
+    wait_ready(a, &ids, 120).await;
     // The users and the BFF's service account (registered once per Redis); the two seeded
     // users were created directly in the fake.
     assert_eq!(w.lc.register_calls(), users + 1, "no user registered twice");
