@@ -378,7 +378,7 @@ impl Config {
         self.listen_addr()?;
         self.trusted_proxies()?;
         self.validate_server()?;
-        let (_, redis_tls) = crate::redis_conn::target::describe(self.redis.url.expose())?;
+        let (_, redis_tls) = crate::redis_conn::target::check(self.redis.url.expose())?;
         let r = &self.redis;
         if !redis_tls {
             for (key, value) in [

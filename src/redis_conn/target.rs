@@ -188,6 +188,14 @@ pub fn describe(url: &str) -> Result<(Topology, bool), ConfigError> {
         .ok_or_else(|| invalid(format!("must start with {SCHEMES}")))
 }
 
+/// Checks the whole URL (scheme, hosts, ports, Sentinel master, `#insecure`) without
+/// connecting: the configuration's check. The TLS files are read when the handle is built.
+pub fn check(url: &str) -> Result<(Topology, bool), ConfigError> {
+    let described = describe(url)?;
+    build(url, &RedisTls::default())?;
+    Ok(described)
+}
+
 /// The URL with its password replaced by `***`, for logs, errors and `doctor`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

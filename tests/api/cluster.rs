@@ -16,7 +16,7 @@ use support::{
 };
 
 use crate::scale_out::{
-    exercise, lc_options, request, settings, wait_ready, Signed, Worker, ADMIN_TOKEN,
+    connected, exercise, lc_options, request, settings, wait_ready, Signed, Worker, ADMIN_TOKEN,
     TOKEN_LIFETIME,
 };
 
@@ -98,6 +98,7 @@ async fn a_tls_cluster_with_a_password_serves_logins_proxy_and_jobs() {
     let bff = w.bff(&settings(&tls)).await;
     let worker = Worker::start(&w, &tls);
 
+    connected(&bff).await;
     w.user(&bff, 5).await;
     let mut browser = bff.client();
     assert_eq!(

@@ -107,6 +107,14 @@ pub async fn wait_ready(bff: &TestBff, ids: &[String], secs: u64) {
     .await;
 }
 
+/// Until `bff` has its Redis connection.
+pub async fn connected(bff: &TestBff) {
+    eventually(20, "the replica to reach Redis", || async {
+        bff.state.redis.ping().await.ok()
+    })
+    .await;
+}
+
 /// What the scale-out tests keep after [`exercise`]: a browser signed in on replica `a`, and
 /// the Bearer token of the same user.
 pub struct Signed {
@@ -121,6 +129,10 @@ pub struct Signed {
 /// 60 concurrent requests on both replicas. `w`'s LibreChat must issue [`TOKEN_LIFETIME`]
 /// tokens and the replicas renew them once expired (`TOKEN_REFRESH_SKEW_SECS=0`).
 pub async fn exercise(w: &World, a: &TestBff, b: &TestBff, users: usize) -> Signed {
+    // The replicas connect in the background (a TLS handshake can take a moment on a busy
+    // machine): the seeding below writes through replica a.
+    connected(a).await;
+    connected(b).await;
     // Login on one replica, the same session on the other.
     w.user(a, 1).await;
     let mut on_a = a.client();

@@ -19,7 +19,7 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::scale_out::{exercise, lc_options, settings, Worker, TOKEN_LIFETIME};
+use crate::scale_out::{connected, exercise, lc_options, settings, Worker, TOKEN_LIFETIME};
 
 const REDIS_PASSWORD: &str = "tls-redis-pw-7c1d";
 
@@ -242,6 +242,7 @@ async fn sentinel_over_tls_names_a_tls_master() {
             ("BFF__REDIS__TLS_CA_FILE", ca.ca_file_string()),
         ])
         .await;
+    connected(&bff).await;
     w.user(&bff, 6).await;
     let mut browser = bff.client();
     assert_eq!(
