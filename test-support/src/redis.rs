@@ -48,6 +48,8 @@ pub struct ServerOptions {
     /// A cluster node (`cluster-enabled yes`) with this node timeout; its bus port is reserved
     /// next to its port.
     pub cluster_node_timeout_ms: Option<u64>,
+    /// Also listen on a unix socket in the server's directory ([`RedisServer::unix_url`]).
+    pub unix_socket: bool,
 }
 
 /// A TLS server's files (from a [`crate::tls::TestCa`]).
@@ -162,6 +164,16 @@ impl RedisServer {
         let local = self.local_mut("kill");
         if let Some(mut child) = local.child.take() {
             let _ = child.kill().await;
+        }
+    }
+
+    /// `unix:///…/redis.sock` of a server started with [`ServerOptions::unix_socket`].
+    pub fn unix_url(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Local(local) if local.opts.unix_socket => {
+                Some(format!("unix://{}", local.socket_path().display()))
+            }
+            _ => None,
         }
     }
 
@@ -341,6 +353,10 @@ impl Drop for RedisServer {
 }
 
 impl Local {
+    fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
     fn url(&self) -> String {
         let scheme = if self.opts.tls.is_some() {
             "rediss"
@@ -410,6 +426,11 @@ impl Local {
             .args(["--daemonize", "no", "--protected-mode", "no"]);
         if self.opts.aof {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        }
+        if self.opts.unix_socket {
+            cmd.arg("--unixsocket")
+                .arg(self.socket_path())
+                .args(["--unixsocketperm", "700"]);
         }
         if let Some(password) = &self.opts.password {
             // Replicas authenticate to their master with it too.

@@ -1,5 +1,5 @@
-//! The scale-out scenario the Redis topology tests share (`cluster`, `tls`): two BFF replicas
-//! and one provisioning worker on one Redis deployment.
+//! The scale-out scenario the Redis topology tests share (`cluster`, `tls`, and here a unix
+//! socket): two BFF replicas and one provisioning worker on one Redis deployment.
 
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use support::{
     bff::{config, Browser, TestBff},
     fake_librechat::FakeLibreChatOptions,
+    redis::{RedisServer, ServerOptions},
     wait::eventually,
     world::{chat_body, get_json, http, World, ID_PASSWORD},
 };
@@ -234,4 +235,32 @@ pub async fn exercise(w: &World, a: &TestBff, b: &TestBff, users: usize) -> Sign
     assert_eq!(w.lc.login_calls(), logins, "no new login");
 
     Signed { on_a, bearer }
+}
+
+#[tokio::test]
+async fn two_replicas_and_a_worker_on_a_unix_socket() {
+    let local = RedisServer::start_with(ServerOptions {
+        unix_socket: true,
+        ..ServerOptions::default()
+    })
+    .await;
+    let url = local.unix_url().expect("a socket");
+    assert!(url.starts_with("unix:///"), "{url}");
+    let w = World::with_redis(
+        FakeLibreChatOptions {
+            access_token_lifetime: TOKEN_LIFETIME,
+            ..lc_options()
+        },
+        local,
+    )
+    .await;
+    let unix = [
+        ("BFF__REDIS__URL", url),
+        ("BFF__LIBRECHAT__TOKEN_REFRESH_SKEW_SECS", "0".to_string()),
+    ];
+    let a = w.bff(&settings(&unix)).await;
+    let b = w.bff(&settings(&unix)).await;
+    let worker = Worker::start(&w, &unix);
+    exercise(&w, &a, &b, 10).await;
+    worker.stop().await;
 }
