@@ -41,12 +41,14 @@ mod convos;
 mod files;
 mod limits;
 mod server;
+mod spa;
 mod state;
 mod util;
 mod validation;
 
 use self::{
-    auth::*, chat::*, convos::*, files::*, limits::*, server::*, state::*, util::*, validation::*,
+    auth::*, chat::*, convos::*, files::*, limits::*, server::*, spa::*, state::*, util::*,
+    validation::*,
 };
 
 const JSON_CT: &str = "application/json; charset=utf-8";
@@ -121,6 +123,11 @@ pub struct FakeLibreChatOptions {
     /// Add `Secure` to the auth cookies, as LibreChat does in production on a non-loopback
     /// `DOMAIN_SERVER` (default false, as recorded).
     pub secure_cookies: bool,
+    /// A built web client to serve outside `/api` (default none: every such path gets a minimal
+    /// `index.html`). When set, a path naming a file in this directory gets that file (content
+    /// type by extension), and every other path its `index.html`, as LibreChat serves
+    /// `client/dist` with its single-page-app fallback.
+    pub spa_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FakeLibreChatOptions {
@@ -142,6 +149,7 @@ impl Default for FakeLibreChatOptions {
             sse_frame_interval: Duration::from_millis(20),
             strict_upload_field_order: true,
             secure_cookies: false,
+            spa_dir: None,
         }
     }
 }

@@ -200,7 +200,11 @@ async fn dispatch(
         _ => (None, Some(body)),
     };
     if !(path == "/api" || path.starts_with("/api/")) {
-        return spa_index();
+        let spa_dir = lock(&shared.opts).spa_dir.clone();
+        return match spa_dir {
+            Some(dir) => spa_file(&dir, &parts.method, &path).await,
+            None => spa_index(),
+        };
     }
     let mut ctx = Ctx {
         method: parts.method,
