@@ -20,7 +20,7 @@
 // Prints one line per scenario on stderr and, last on stdout, one JSON line
 // {"passed":[names],"failed":[{name,error}]}; exits 1 when a scenario failed.
 
-import { mkdir, readFile, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import assert from 'node:assert/strict';
 import { chromium } from 'playwright-core';
@@ -36,16 +36,28 @@ const LIBRECHAT_COOKIES = ['refreshToken', 'token_provider', 'openid_access_toke
 const TIMEOUT = 15_000;
 
 await mkdir(cfg.artifacts, { recursive: true });
+for (const old of await readdir(cfg.artifacts)) {
+  if (/\.(png|json)$/.test(old)) await rm(join(cfg.artifacts, old));
+}
 
 // ---------------------------------------------------------------------------------------------
 // What the browser sent and received, per context.
 
 class Traffic {
+  /** Records a context's exchanges (Playwright: the headers really sent, statuses) and its
+   *  page's response bodies (below). */
+  static async open(context, page) {
+    const traffic = new Traffic(context);
+    await traffic.holdBodies(page);
+    return traffic;
+  }
+
   constructor(context) {
     this.exchanges = [];
     this.pending = new Set();
+    this.bodies = [];
     context.on('request', (request) => {
-      this.exchanges.push({ request, url: request.url(), method: request.method(), response: null });
+      this.exchanges.push({ request, url: request.url(), method: request.method() });
     });
     context.on('response', (response) => {
       const p = this.capture(response).finally(() => this.pending.delete(p));
@@ -53,23 +65,56 @@ class Traffic {
     });
   }
 
+  /** Response bodies as Chromium receives them. Each answer under the mount path is held at
+   *  its headers (CDP Fetch, response stage) until its body has been read, then released
+   *  unchanged: a body read afterwards through Playwright is gone once a navigation commits, and
+   *  the client navigates right after reading the refresh, logout and config answers. Event
+   *  streams are not held (read through Playwright); scripts are not read. */
+  async holdBodies(page) {
+    const cdp = await page.context().newCDPSession(page);
+    cdp.on('Fetch.requestPaused', async ({ requestId, request, responseStatusCode, responseHeaders }) => {
+      const type = (responseHeaders ?? []).find((h) => h.name.toLowerCase() === 'content-type')?.value ?? '';
+      const body = { url: request.url, claimed: false, text: null };
+      this.bodies.push(body);
+      const redirect = responseStatusCode >= 300 && responseStatusCode < 400;
+      try {
+        if (!redirect && /json|text\/(html|plain)/.test(type)) {
+          const r = await cdp.send('Fetch.getResponseBody', { requestId });
+          body.text = r.base64Encoded ? Buffer.from(r.body, 'base64').toString('utf8') : r.body;
+        } else if (/event-stream/.test(type)) {
+          body.fromPlaywright = true;
+        }
+      } catch (e) {
+        body.error = e.message;
+      } finally {
+        await cdp.send('Fetch.continueRequest', { requestId }).catch(() => {});
+      }
+    });
+    await cdp.send('Fetch.enable', { patterns: [{ urlPattern: `${ui}/*`, requestStage: 'Response' }] });
+  }
+
   async capture(response) {
     const entry = this.exchanges.find((e) => e.request === response.request());
     if (!entry) return;
-    entry.status = response.status();
     entry.requestHeaders = await response.request().allHeaders().catch(() => ({}));
     entry.responseHeaders = await response.headersArray().catch(() => []);
-    const type = (await response.headerValue('content-type').catch(() => null)) ?? '';
-    const redirect = entry.status >= 300 && entry.status < 400;
-    if (!redirect && /json|text|javascript|event-stream/.test(type)) {
-      entry.body = await response.text().catch(() => null);
-    }
-    entry.response = response;
+    const type = entry.responseHeaders.find((h) => h.name.toLowerCase() === 'content-type')?.value;
+    if (/event-stream/.test(type ?? '')) entry.body = await response.text().catch(() => null);
+    entry.status = response.status();
   }
 
-  /** Waits until every response seen so far has been read. */
+  /** Waits until every exchange seen so far has its answer, and pairs each answer under the
+   *  mount path with the body held for it (same URL, in order). */
   async settle() {
     while (this.pending.size) await Promise.all([...this.pending]);
+    for (const e of this.exchanges) {
+      if (e.paired || e.status === undefined || !e.url.startsWith(`${ui}/`)) continue;
+      const body = this.bodies.find((b) => !b.claimed && b.url === e.url);
+      if (!body) continue;
+      body.claimed = e.paired = true;
+      if (e.body === undefined) e.body = body.text;
+      if (body.error) e.bodyError = body.error;
+    }
   }
 
   mark() {
@@ -94,6 +139,7 @@ class Traffic {
       requestHeaders: e.requestHeaders ?? null,
       responseHeaders: e.responseHeaders ?? null,
       body: e.body == null ? null : e.body.slice(0, 2000),
+      bodyError: e.bodyError ?? null,
     }));
   }
 
@@ -140,15 +186,18 @@ async function newContext(browser, sessionId) {
       {
         name: cfg.cookie.name,
         value: sessionId,
-        url: cfg.bff,
+        // Host-only (as `__Host-` requires), for the BFF's host; Chromium keeps Secure cookies
+        // for plain-http loopback origins.
+        domain: new URL(cfg.bff).hostname,
+        path: '/',
         httpOnly: true,
         secure: cfg.cookie.secure,
         sameSite: 'Lax',
       },
     ]);
   }
-  const traffic = new Traffic(context);
   const page = await context.newPage();
+  const traffic = await Traffic.open(context, page);
   const log = [];
   page.on('console', (m) => log.push(`${m.type()}: ${m.text()}`));
   page.on('pageerror', (err) => log.push(`pageerror: ${err.message}`));
@@ -164,15 +213,16 @@ function track(s) {
 
 async function signedInPage(browser, sessionId, path) {
   const s = await newContext(browser, sessionId);
-  const refreshed = s.page.waitForResponse(
-    (r) => r.url() === `${ui}/api/auth/refresh` && r.request().method() === 'POST',
-  );
-  const doc = await s.page.goto(`${ui}${path}`);
+  const [refresh, doc] = await Promise.all([
+    s.page.waitForResponse(
+      (r) => r.url() === `${ui}/api/auth/refresh` && r.request().method() === 'POST',
+    ),
+    s.page.goto(`${ui}${path}`),
+  ]);
   assert.equal(doc.status(), 200, `GET ${mount}${path} with a session`);
   const html = await doc.text();
   assert.match(html, new RegExp(`<base href="${mount}/"`), `index.html's <base href> rewritten`);
   assert.doesNotMatch(html, /<base href="\/"/, 'no <base href="/"> left');
-  const refresh = await refreshed;
   assert.equal(refresh.status(), 200, 'refresh status');
   const body = await refresh.json();
   assert.match(body.token ?? '', PLACEHOLDER, `refresh token: ${JSON.stringify(body.token)}`);

@@ -163,7 +163,7 @@ window.__test = {
   getUser: () => outcome(() => dataService.getUser()),
   listConversations: () => outcome(() => showConversations()),
   rename: (conversationId, title) =>
-    outcome(() => dataService.updateConversation({ arg: { conversationId, title } })),
+    outcome(() => dataService.updateConversation({ conversationId, title })),
   chat: (text) => outcome(() => chat(text)),
   logout: () => logout(),
 };
