@@ -19,3 +19,4 @@ mod operations;
 mod provisioning;
 mod sentinel;
 mod sessions;
+mod ui;

@@ -41,6 +41,7 @@ mod convos;
 mod files;
 mod limits;
 mod server;
+mod spa;
 mod state;
 mod util;
 mod validation;
@@ -121,6 +122,9 @@ pub struct FakeLibreChatOptions {
     /// Add `Secure` to the auth cookies, as LibreChat does in production on a non-loopback
     /// `DOMAIN_SERVER` (default false, as recorded).
     pub secure_cookies: bool,
+    /// `secureImageLinks` (librechat.yaml): `/images/*` only with the owner's refresh cookie
+    /// (default false, as LibreChat's default).
+    pub secure_image_links: bool,
 }
 
 impl Default for FakeLibreChatOptions {
@@ -142,6 +146,7 @@ impl Default for FakeLibreChatOptions {
             sse_frame_interval: Duration::from_millis(20),
             strict_upload_field_order: true,
             secure_cookies: false,
+            secure_image_links: false,
         }
     }
 }

@@ -200,7 +200,7 @@ async fn dispatch(
         _ => (None, Some(body)),
     };
     if !(path == "/api" || path.starts_with("/api/")) {
-        return spa_index();
+        return spa::serve(shared, &parts.method, &path, &parts.headers);
     }
     let mut ctx = Ctx {
         method: parts.method,
