@@ -25,3 +25,4 @@ pub mod session;
 pub mod startup;
 pub mod telemetry;
 pub mod throttle;
+pub mod ui;

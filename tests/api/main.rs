@@ -19,4 +19,5 @@ mod operations;
 mod provisioning;
 mod sentinel;
 mod sessions;
+mod ui;
 mod ui_browser;

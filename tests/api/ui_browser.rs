@@ -213,6 +213,36 @@ async fn librechat_web_client_under_chat_in_a_real_browser() {
     );
     assert_eq!(result["passed"], json!(SCENARIOS), "{stderr}");
     assert!(out.status.success(), "run.mjs: {}\n{stderr}", out.status);
+
+    // LibreChat saw the user's real token, never the browser's placeholder.
+    let seen = w.lc.requests();
+    let renamed = seen
+        .iter()
+        .find(|r| r.path == "/api/convos/update")
+        .expect("the browser's rename reached LibreChat");
+    let auth = renamed.headers["authorization"].to_str().expect("ascii");
+    assert!(auth.starts_with("Bearer eyJ"), "LibreChat's JWT: {auth}");
+    for r in &seen {
+        for (name, value) in &r.headers {
+            let value = value.to_str().unwrap_or_default();
+            assert!(
+                !value.contains("bff-ui."),
+                "{} {} carried the placeholder in {name}",
+                r.method,
+                r.path
+            );
+        }
+    }
+    // Logging out ended that session only; the revoked one is over.
+    for (sid, status) in [
+        (&signed_in, StatusCode::OK),
+        (&logout, StatusCode::UNAUTHORIZED),
+        (&revoked, StatusCode::UNAUTHORIZED),
+    ] {
+        let mut client = bff.client();
+        client.cookie = Some(format!("{cookie_name}={sid}"));
+        assert_eq!(client.get("/auth/me").await.status, status);
+    }
 }
 
 /// The fake LibreChat's `spa_dir`: files by path with a type by extension, `index.html` for

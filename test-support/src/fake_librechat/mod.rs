@@ -47,8 +47,7 @@ mod util;
 mod validation;
 
 use self::{
-    auth::*, chat::*, convos::*, files::*, limits::*, server::*, spa::*, state::*, util::*,
-    validation::*,
+    auth::*, chat::*, convos::*, files::*, limits::*, server::*, state::*, util::*, validation::*,
 };
 
 const JSON_CT: &str = "application/json; charset=utf-8";
@@ -123,10 +122,13 @@ pub struct FakeLibreChatOptions {
     /// Add `Secure` to the auth cookies, as LibreChat does in production on a non-loopback
     /// `DOMAIN_SERVER` (default false, as recorded).
     pub secure_cookies: bool,
-    /// A built web client to serve outside `/api` (default none: every such path gets a minimal
-    /// `index.html`). When set, a path naming a file in this directory gets that file (content
-    /// type by extension), and every other path its `index.html`, as LibreChat serves
-    /// `client/dist` with its single-page-app fallback.
+    /// `secureImageLinks` (librechat.yaml): `/images/*` only with the owner's refresh cookie
+    /// (default false, as LibreChat's default).
+    pub secure_image_links: bool,
+    /// A built web client to serve outside `/api` (default none: the built-in shell of `spa.rs`).
+    /// When set, a GET of a path naming a file in this directory gets that file (content type by
+    /// extension), and of every other path (but `/images/*`) its `index.html`, as LibreChat
+    /// serves `client/dist` with its single-page-app fallback.
     pub spa_dir: Option<std::path::PathBuf>,
 }
 
@@ -149,6 +151,7 @@ impl Default for FakeLibreChatOptions {
             sse_frame_interval: Duration::from_millis(20),
             strict_upload_field_order: true,
             secure_cookies: false,
+            secure_image_links: false,
             spa_dir: None,
         }
     }

@@ -200,11 +200,10 @@ async fn dispatch(
         _ => (None, Some(body)),
     };
     if !(path == "/api" || path.starts_with("/api/")) {
-        let spa_dir = lock(&shared.opts).spa_dir.clone();
-        return match spa_dir {
-            Some(dir) => spa_file(&dir, &parts.method, &path).await,
-            None => spa_index(),
-        };
+        if let Some(dir) = spa::client_dir(shared, &parts.method, &path) {
+            return spa::from_dir(&dir, &path).await;
+        }
+        return spa::serve(shared, &parts.method, &path, &parts.headers);
     }
     let mut ctx = Ctx {
         method: parts.method,
