@@ -131,6 +131,7 @@ async fn librechat_web_client_under_chat_in_a_real_browser() {
 
     let w = World::new(FakeLibreChatOptions {
         spa_dir: Some(spa.path().to_owned()),
+        secure_image_links: true,
         ..FakeLibreChatOptions::default()
     })
     .await;
@@ -222,6 +223,18 @@ async fn librechat_web_client_under_chat_in_a_real_browser() {
         .expect("the browser's rename reached LibreChat");
     let auth = renamed.headers["authorization"].to_str().expect("ascii");
     assert!(auth.starts_with("Bearer eyJ"), "LibreChat's JWT: {auth}");
+    let images: Vec<_> = seen
+        .iter()
+        .filter(|r| r.path.starts_with("/images/"))
+        .collect();
+    assert!(
+        images.len() >= 2,
+        "each signed-in page loads its avatar and an image"
+    );
+    for r in images {
+        let cookie = r.headers["cookie"].to_str().expect("ascii");
+        assert!(cookie.contains("refreshToken=eyJ"), "{}: {cookie}", r.path);
+    }
     for r in &seen {
         for (name, value) in &r.headers {
             let value = value.to_str().unwrap_or_default();

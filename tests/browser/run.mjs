@@ -270,6 +270,33 @@ scenario('a_opens_signed_in_and_calls_the_api_with_the_placeholder', async (brow
   assert.equal(userCalls[0].status, 200);
   assert.equal(JSON.parse(userCalls[0].body).name, cfg.user.name);
 
+  // The start-up config, asked for as the signed-in user, offers none of LibreChat's sign-in.
+  const configs = traffic.api('config');
+  assert.equal(configs.length, 1, 'one GET api/config');
+  assert.equal(configs[0].status, 200);
+  const startup = JSON.parse(configs[0].body);
+  assert.equal(startup.emailLoginEnabled, false, 'api/config emailLoginEnabled');
+  assert.equal(startup.registrationEnabled, false, 'api/config registrationEnabled');
+
+  // Images load with the session cookie alone (no Authorization on <img> requests): the avatar
+  // at the root, an image under the mount. The fake LibreChat checks secureImageLinks, so a 200
+  // means the BFF added the user's LibreChat cookie.
+  for (const prefix of [`${cfg.bff}/images/`, `${ui}/images/`]) {
+    const img = traffic.exchanges.filter((e) => e.url.startsWith(prefix));
+    assert.equal(img.length, 1, `one image request under ${prefix}`);
+    assert.equal(img[0].status, 200, `${img[0].url}`);
+    assert.equal(img[0].requestHeaders['sec-fetch-dest'], 'image');
+    assert.equal(img[0].requestHeaders.authorization, undefined, 'no Authorization on <img>');
+    assert.match(img[0].requestHeaders.cookie ?? '', new RegExp(`^${cfg.cookie.name}=`));
+    const type = img[0].responseHeaders.find((h) => h.name.toLowerCase() === 'content-type');
+    assert.equal(type?.value, 'image/png');
+  }
+
+  // The client's health probe (a static path under the base).
+  const health = await page.evaluate(() => window.__test.health());
+  assert.ok(health.ok, `health: ${JSON.stringify(health)}`);
+  assert.equal(health.data, 'OK');
+
   // A chat turn: POST through the real axios instance, then its SSE stream via authenticatedFetch.
   const chat = await page.evaluate(() => window.__test.chat('hello from the browser'));
   assert.ok(chat.ok, `chat: ${JSON.stringify(chat)}`);
@@ -296,7 +323,7 @@ scenario('a_opens_signed_in_and_calls_the_api_with_the_placeholder', async (brow
   for (const e of traffic.since(0).filter((e) => e.url.startsWith(apiPrefix))) {
     assert.ok(e.status < 400, `${e.method} ${e.url} → ${e.status}`);
   }
-  traffic.assertUnderMount();
+  traffic.assertUnderMount([`${cfg.bff}/images/`]);
   traffic.assertNoLibreChatToken();
   const cookies = await s.context.cookies();
   assert.deepEqual(

@@ -34,6 +34,7 @@ function renderSignedIn(user) {
       <button id="logout" type="button">Log out</button>
     </header>
     <main>
+      <div id="images"></div>
       <button id="list-convos" type="button">Conversations</button>
       <ul id="convos"></ul>
     </main>`;
@@ -73,23 +74,51 @@ async function logout() {
   }
 }
 
+// The user's images as the client shows them: the avatar at the root (LibreChat's avatar URLs
+// ignore the base path) and an image under the base. Resolves once both have loaded or failed
+// (the fake LibreChat's images are not real PNGs; the test looks at the network answers).
+function showImages(userId) {
+  const sources = [
+    ['avatar', `/images/${userId}/avatar-${userId}.png?manual=true`],
+    ['attachment', `images/${userId}/photo.png`],
+  ];
+  return Promise.all(
+    sources.map(
+      ([id, src]) =>
+        new Promise((resolve) => {
+          const img = new Image(24, 24);
+          img.id = id;
+          img.alt = id;
+          img.onload = img.onerror = resolve;
+          img.src = src;
+          $('images').append(img);
+        }),
+    ),
+  );
+}
+
+// The app's startup-config query (useGetStartupConfig, at the root of the client) and
 // AuthContext.silentRefresh on mount, then useGetUserQuery once a token is set.
 async function boot() {
+  const startupConfig = dataService.getStartupConfig();
+  startupConfig.catch(() => {});
   let data;
   try {
     data = await request.refreshToken();
   } catch (err) {
     document.body.dataset.bootError = JSON.stringify(describe(err));
-    return goToLogin();
+    return goToLogin(startupConfig);
   }
   const token = data?.token ?? '';
   if (!token) {
-    return goToLogin();
+    return goToLogin(startupConfig);
   }
   setTokenHeader(token);
   renderSignedIn(data.user);
   const user = await dataService.getUser();
   $('user-name').textContent = user?.name ?? user?.username ?? '';
+  await startupConfig.catch(() => null);
+  await showImages(user.id ?? user._id);
   setAuth('signed-in');
 }
 
@@ -97,12 +126,12 @@ async function boot() {
 // the startup config and, with openidLoginEnabled + openidAutoRedirect + serverDomain, does a
 // full-page load of `${serverDomain}/oauth/openid`. Otherwise it would show LibreChat's own login
 // form, which is what the BFF must prevent.
-async function goToLogin() {
+async function goToLogin(startupConfig) {
   window.history.replaceState(null, '', apiBaseUrl() + buildLoginRedirectUrl());
   setAuth('signed-out');
   let config;
   try {
-    config = await dataService.getStartupConfig();
+    config = await startupConfig;
   } catch (err) {
     setAuth('config-failed');
     return;
@@ -165,6 +194,7 @@ window.__test = {
   rename: (conversationId, title) =>
     outcome(() => dataService.updateConversation({ conversationId, title })),
   chat: (text) => outcome(() => chat(text)),
+  health: () => outcome(() => dataService.healthCheck()),
   logout: () => logout(),
 };
 
