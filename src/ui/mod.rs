@@ -49,6 +49,10 @@ use crate::{
 /// Prefix of the placeholder token the UI holds; never a JWT, so the client never tries to
 /// refresh it ahead of time.
 const PLACEHOLDER_PREFIX: &str = "bff-ui.";
+/// How long the UI's bootstrap waits for a LibreChat account being provisioned, and how often
+/// it looks.
+const PROVISIONING_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+const PROVISIONING_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 /// LibreChat's HTML and JSON answers the BFF rewrites are read up to this size.
 const REWRITE_CAP: usize = 2 * 1024 * 1024;
 
@@ -233,9 +237,20 @@ pub async fn refresh(State(ui): State<Arc<Ui>>, parts: Parts) -> Result<Response
         .ok_or(ApiError::Internal)?;
     let client = ui.proxy.auth.end_users.client_info_of(&parts)?;
     let request_id = crate::telemetry::request_id(&parts.headers);
-    let user = ui
-        .librechat_user(&authed.user, &client, &request_id)
-        .await?;
+    // A first visit may find the LibreChat account still being created (just in time): wait
+    // for it a little rather than fail the client's bootstrap, which would send it round
+    // through the login pages.
+    let deadline = tokio::time::Instant::now() + PROVISIONING_WAIT;
+    let user = loop {
+        match ui.librechat_user(&authed.user, &client, &request_id).await {
+            Err(ApiError::ProvisioningPendingFor(_) | ApiError::ProvisioningPending)
+                if tokio::time::Instant::now() + PROVISIONING_POLL < deadline =>
+            {
+                tokio::time::sleep(PROVISIONING_POLL).await;
+            }
+            result => break result?,
+        }
+    };
     Ok(no_store(
         Json(json!({ "token": ui.placeholder(&sid), "user": user })).into_response(),
     ))

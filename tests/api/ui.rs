@@ -589,3 +589,37 @@ async fn shared_links_open_without_a_session_only_when_configured() {
         StatusCode::UNAUTHORIZED
     );
 }
+
+#[tokio::test]
+async fn a_first_visit_waits_for_the_librechat_account_being_created() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w
+        .bff(&ui_env(&[("BFF__PROVISIONING__BASE_BACKOFF_SECS", "1")]))
+        .await;
+    // Known to the identity service only: no LibreChat account, no stored credential.
+    w.idp.add_user(support::fake_idp::FakeUser {
+        id: 40,
+        username: "user40".into(),
+        email: "user40@example.com".into(),
+        password: ID_PASSWORD.into(),
+        name: "User 40".into(),
+        groups: vec![],
+        is_active: true,
+    });
+    assert!(w.lc.user_id("user40@example.com").is_none());
+    // A provisioning worker, as `serve` runs one (the test BFF runs none by itself).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let worker = bff.state.provisioner.spawn_worker(stopped);
+    let mut tab = Tab::signed_in(&bff, "user40").await;
+    let a = tab.refresh().await;
+    let _ = stop.send(true);
+    let _ = worker.await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.text);
+    assert!(
+        tab.token.is_some(),
+        "signed in once the account exists: {}",
+        a.text
+    );
+    let lc_id = w.lc.user_id("user40@example.com").expect("provisioned");
+    assert_eq!(a.json()["user"]["_id"], lc_id.as_str());
+}
