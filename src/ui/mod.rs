@@ -289,14 +289,22 @@ pub async fn refused() -> ApiError {
     ApiError::Forbidden("LibreChat's own sign-in is not used here: the product signs you in.")
 }
 
-/// `GET {mount}/login*`, `{mount}/oauth/*`: to the product's login, with where to come back
-/// (LibreChat's client passes `redirect_to`).
-pub async fn to_login(State(ui): State<Arc<Ui>>, uri: Uri) -> Response {
-    let wanted = uri.query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
+/// `GET {mount}/login*`, `{mount}/oauth/*`: to the product's login, with where to come back.
+/// LibreChat's client passes `redirect_to` to its login page; from there (OpenID auto-redirect)
+/// it reaches `oauth/openid` with that page as its same-origin `Referer`.
+pub async fn to_login(State(ui): State<Arc<Ui>>, uri: Uri, headers: HeaderMap) -> Response {
+    let redirect_to = |query: Option<&str>| {
+        url::form_urlencoded::parse(query?.as_bytes())
             .find(|(k, _)| k == "redirect_to")
             .map(|(_, v)| v.into_owned())
-    });
+    };
+    let from_referer = || {
+        let referer = url::Url::parse(headers.get(header::REFERER)?.to_str().ok()?).ok()?;
+        ui.below_mount(referer.path())
+            .starts_with("/login")
+            .then(|| redirect_to(referer.query()))?
+    };
+    let wanted = redirect_to(uri.query()).or_else(from_referer);
     ui.login_redirect(&ui.return_target(wanted.as_deref()))
 }
 

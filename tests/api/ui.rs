@@ -170,6 +170,29 @@ async fn signed_out_visitors_go_to_the_product_login_and_come_back_under_the_mou
             "{path}"
         );
     }
+    // From LibreChat's login page (OpenID auto-redirect), the deep link is in the Referer.
+    let referer = format!("{}/chat/login?redirect_to=%2Fchat%2Fc%2Fdeep", tab.base);
+    let a = tab
+        .send(Method::GET, "/chat/oauth/openid", &[("referer", &referer)])
+        .await;
+    assert_eq!(
+        a.header("location"),
+        Some("https://app.example.com/login?next=%2Fchat%2Fc%2Fdeep")
+    );
+    let a = tab
+        .send(
+            Method::GET,
+            "/chat/oauth/openid",
+            &[(
+                "referer",
+                "https://evil.example/login?redirect_to=https%3A%2F%2Fevil.example",
+            )],
+        )
+        .await;
+    assert_eq!(
+        a.header("location"),
+        Some("https://app.example.com/login?next=%2Fchat%2F")
+    );
     // The mount without its slash.
     let a = tab.get("/chat").await;
     assert_eq!(a.status, StatusCode::PERMANENT_REDIRECT);
