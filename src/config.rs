@@ -74,6 +74,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub hooks: HooksConfig,
     pub telemetry: TelemetryConfig,
+    /// LibreChat's own web UI under a path of the BFF (off unless configured).
+    #[serde(default)]
+    pub ui: UiConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -378,6 +381,7 @@ impl Config {
         self.listen_addr()?;
         self.trusted_proxies()?;
         self.validate_server()?;
+        self.ui.validate()?;
         let (_, redis_tls) = crate::redis_conn::target::check(self.redis.url.expose())?;
         let r = &self.redis;
         if !redis_tls {
@@ -793,4 +797,120 @@ pub fn parse_algorithms(cfg: &JwtConfig) -> Result<Vec<Algorithm>, ConfigError> 
         });
     }
     Ok(algs)
+}
+
+/// `[ui]`: LibreChat's web UI served under `mount_path`, signed in through the BFF session
+/// (see src/ui/).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    pub enabled: bool,
+    pub mount_path: String,
+    pub login_url: String,
+    pub return_param: String,
+    pub after_logout_url: String,
+    pub public_origin: String,
+    pub root_images: bool,
+    pub public_share_links: bool,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            mount_path: "/chat".into(),
+            login_url: "/login".into(),
+            return_param: "next".into(),
+            after_logout_url: "/".into(),
+            public_origin: String::new(),
+            root_images: true,
+            public_share_links: false,
+        }
+    }
+}
+
+impl UiConfig {
+    /// The mount path without its trailing slash (`/chat`).
+    pub fn mount(&self) -> &str {
+        self.mount_path.trim_end_matches('/')
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let mount = self.mount();
+        let reserved = [
+            "/api", "/auth", "/admin", "/hooks", "/healthz", "/readyz", "/metrics",
+        ];
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+        };
+        if !mount.starts_with('/') || !mount[1..].split('/').all(segment_ok) {
+            return Err(invalid(
+                "ui.mount_path",
+                "must be an absolute path of plain segments (e.g. \"/chat\"), not \"/\"",
+            ));
+        }
+        if reserved
+            .iter()
+            .any(|r| mount == *r || mount.starts_with(&format!("{r}/")))
+        {
+            return Err(invalid(
+                "ui.mount_path",
+                "collides with the BFF's own routes (/api, /auth, /admin, /hooks, probes)",
+            ));
+        }
+        if self.root_images && (mount == "/images" || mount.starts_with("/images/")) {
+            return Err(invalid(
+                "ui.mount_path",
+                "collides with /images (ui.root_images)",
+            ));
+        }
+        for (key, value) in [
+            ("ui.login_url", &self.login_url),
+            ("ui.after_logout_url", &self.after_logout_url),
+        ] {
+            let relative = value.starts_with('/') && !value.starts_with("//");
+            let absolute = url::Url::parse(value)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !(relative || absolute) || value.bytes().any(|b| b.is_ascii_control()) {
+                return Err(invalid(
+                    key,
+                    "must be a path (\"/login\") or an http(s) URL of the product",
+                ));
+            }
+        }
+        if self.return_param.is_empty()
+            || !self
+                .return_param
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                "ui.return_param",
+                "must be a plain query parameter name",
+            ));
+        }
+        if !self.public_origin.is_empty() {
+            let ok = url::Url::parse(&self.public_origin).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.has_host()
+                    && u.path() == "/"
+                    && u.query().is_none()
+                    && !self.public_origin.ends_with('/')
+            });
+            if !ok {
+                return Err(invalid(
+                    "ui.public_origin",
+                    "must be an origin like \"https://app.example.com\" (no path, no trailing slash)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }

@@ -26,3 +26,4 @@ pub mod startup;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
+pub mod ui;

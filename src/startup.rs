@@ -25,6 +25,7 @@ use crate::{
     },
     telemetry::metrics::Metrics,
     throttle::LoginThrottle,
+    ui::Ui,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub struct AppInner {
     pub sign_in: Arc<SignIn>,
     /// `/api/chat/*`.
     pub proxy: Arc<Proxy>,
+    /// LibreChat's web UI under `ui.mount_path` (routed only when `ui.enabled`).
+    pub ui: Arc<Ui>,
     /// `/admin/*`, `/hooks/users` and the CLI.
     pub ops: Arc<Ops>,
     /// `/healthz`, `/readyz`, `/metrics`.
@@ -195,6 +198,7 @@ impl AppState {
             metrics: metrics.clone(),
             body_idle_timeout: Duration::from_secs(config.server.request_body_idle_timeout_secs),
         });
+        let ui = Arc::new(Ui::new(proxy.clone(), config.ui.clone(), &keyring));
         let ops = Arc::new(Ops {
             auth: auth.clone(),
             vault: vault.clone(),
@@ -230,6 +234,7 @@ impl AppState {
             auth,
             sign_in,
             proxy,
+            ui,
             ops,
             probes,
             body_deadline,
@@ -268,6 +273,7 @@ macro_rules! sub_state {
 sub_state!(Arc<Authenticator>, auth);
 sub_state!(Arc<SignIn>, sign_in);
 sub_state!(Arc<Proxy>, proxy);
+sub_state!(Arc<Ui>, ui);
 sub_state!(Arc<Ops>, ops);
 sub_state!(Arc<Probes>, probes);
 sub_state!(Arc<Metrics>, metrics);

@@ -128,9 +128,19 @@ impl Upstream {
 
     /// `{librechat}/api/{rest}[?query]`.
     pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        self.build_uri(&self.prefix, rest, query)
+    }
+
+    /// `{librechat}/{rest}[?query]`: LibreChat's routes outside `/api` (web UI, `/images`).
+    pub fn root_uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        let base = self.prefix.strip_suffix("api/").unwrap_or(&self.prefix);
+        self.build_uri(base, rest, query)
+    }
+
+    fn build_uri(&self, prefix: &str, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
         let path_and_query = match query {
-            Some(q) => format!("{}{rest}?{q}", self.prefix),
-            None => format!("{}{rest}", self.prefix),
+            Some(q) => format!("{prefix}{rest}?{q}"),
+            None => format!("{prefix}{rest}"),
         };
         Uri::builder()
             .scheme(self.scheme.clone())

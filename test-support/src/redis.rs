@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt as _;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};

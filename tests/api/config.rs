@@ -148,6 +148,52 @@ fn bad_values_name_the_key_and_the_reason() {
             &[("BFF__IDENTITY__TLS_CA_FILE", "/etc/ca.pem")],
             "identity.tls_ca_file",
         ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__MOUNT_PATH", "/api"),
+            ],
+            "ui.mount_path",
+        ),
+        (
+            &[("BFF__UI__ENABLED", "true"), ("BFF__UI__MOUNT_PATH", "/")],
+            "ui.mount_path",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__MOUNT_PATH", "/chat/../admin"),
+            ],
+            "ui.mount_path",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__LOGIN_URL", "javascript:alert(1)"),
+            ],
+            "ui.login_url",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__AFTER_LOGOUT_URL", "//evil.example"),
+            ],
+            "ui.after_logout_url",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__PUBLIC_ORIGIN", "https://app.example.com/x"),
+            ],
+            "ui.public_origin",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__RETURN_PARAM", "a&b"),
+            ],
+            "ui.return_param",
+        ),
     ];
     for (env, key) in cases {
         let msg = error_text(load(env));

@@ -22,3 +22,5 @@ mod scale_out;
 mod sentinel;
 mod sessions;
 mod tls;
+mod ui;
+mod ui_browser;
