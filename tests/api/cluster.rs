@@ -37,6 +37,7 @@ async fn two_replicas_and_a_worker_on_a_cluster_survive_a_master_failover() {
     let worker = Worker::start(&w, &[]);
 
     let Signed { on_a, bearer } = exercise(&w, &a, &b, 300).await;
+    keys_spread_and_tags_hold(&cluster, &w.redis.key_prefix()).await;
 
     // Failover mid-run: 40 more jobs are queued, and the master holding the queue (one hash
     // tag, one slot) is killed while the worker runs them; its replica takes over.
@@ -81,6 +82,41 @@ async fn two_replicas_and_a_worker_on_a_cluster_survive_a_master_failover() {
     let view: Value = admin_view.json().await.expect("json");
     assert_eq!(view["state"], "ready", "{view}");
     worker.stop().await;
+}
+
+/// Per-user keys (here the 300 credentials) are on every master; every key of the job queue
+/// (stream, delayed set, documents, user index) is in the one slot of its hash tag.
+async fn keys_spread_and_tags_hold(cluster: &RedisCluster, prefix: &str) {
+    // The cluster is this test's alone: every key is ours.
+    let keys_on = |master: u16| async move {
+        let keys = cluster.query(master, &["KEYS", "*"]).await.expect("KEYS");
+        redis::from_redis_value::<Vec<String>>(keys).expect("key names")
+    };
+    let queue_tag = format!("{{{prefix}:prov}}");
+    let slots = cluster.slots().await.expect("slots");
+    let mut queue_slots = std::collections::HashSet::new();
+    let mut queue_keys = 0;
+    for (_, _, master, _) in &slots {
+        let keys = keys_on(*master).await;
+        let creds = keys
+            .iter()
+            .filter(|k| k.starts_with(&format!("{prefix}:cred:")))
+            .count();
+        assert!(
+            creds > 30,
+            "master {master} holds {creds} of 300 credentials"
+        );
+        for key in keys.iter().filter(|k| k.starts_with(&queue_tag)) {
+            queue_keys += 1;
+            let slot = cluster
+                .query(*master, &["CLUSTER", "KEYSLOT", key])
+                .await
+                .expect("KEYSLOT");
+            queue_slots.insert(format!("{slot:?}"));
+        }
+    }
+    assert!(queue_keys > 300, "{queue_keys} queue keys");
+    assert_eq!(queue_slots.len(), 1, "queue keys in slots {queue_slots:?}");
 }
 
 #[tokio::test]
