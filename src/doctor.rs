@@ -167,6 +167,15 @@ async fn redis_checks(state: &AppState) -> Vec<Check> {
         checks.push(ok(format!(
             "Redis TLS handshake: the certificate is trusted ({trust}), valid now and names the host"
         )));
+        checks.extend(
+            expiry_checks(
+                "Redis",
+                redis.tls_endpoints().await,
+                crate::tls::redis_client_config(&state.config.redis),
+                "redis.tls_ca_file",
+            )
+            .await,
+        );
     }
     if redis.topology() == Topology::Cluster {
         checks.extend(cluster_checks(state).await);
@@ -302,6 +311,78 @@ async fn cluster_checks(state: &AppState) -> Vec<Check> {
     checks
 }
 
+/// A certificate ending within this long is a warning.
+const EXPIRY_WARNING: time::Duration = time::Duration::days(21);
+
+/// Each endpoint's certificate: when it ends (the earliest, or a warning when one ends within
+/// [`EXPIRY_WARNING`]); a handshake that fails is a failure naming the endpoint.
+async fn expiry_checks(
+    what: &str,
+    endpoints: Vec<(String, u16)>,
+    config: Result<rustls::ClientConfig, crate::config::ConfigError>,
+    ca_key: &str,
+) -> Vec<Check> {
+    if endpoints.is_empty() {
+        return Vec::new();
+    }
+    let config = match config {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => return vec![fail(format!("{what} TLS: {e}"), format!("fix {ca_key}"))],
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let mut checks = Vec::new();
+    let mut earliest: Option<time::OffsetDateTime> = None;
+    for (host, port) in &endpoints {
+        match crate::tls::certificate_expiry(host, *port, config.clone()).await {
+            Ok(until) if until - now < EXPIRY_WARNING => checks.push(warn(
+                format!(
+                    "{what} certificate of {host}:{port} expires {} (in {} days)",
+                    until.date(),
+                    (until - now).whole_days()
+                ),
+                "renew it before then (the BFF refuses an expired certificate)",
+            )),
+            Ok(until) => earliest = Some(earliest.map_or(until, |e| e.min(until))),
+            Err(e) => checks.push(fail(
+                format!("{what} TLS handshake with {host}:{port} failed: {e}"),
+                format!("set {ca_key} to the CA that signed its certificate"),
+            )),
+        }
+    }
+    if let Some(until) = earliest.filter(|_| checks.is_empty()) {
+        checks.push(ok(format!(
+            "{what} certificate{} valid until {}",
+            if endpoints.len() > 1 {
+                format!("s of {} endpoints", endpoints.len())
+            } else {
+                String::new()
+            },
+            until.date()
+        )));
+    }
+    checks
+}
+
+/// `host:port` of the https:// URLs among `urls`.
+fn https_endpoints(urls: &[&str]) -> Vec<(String, u16)> {
+    let mut out = Vec::new();
+    for url in urls {
+        let Ok(u) = url::Url::parse(url) else {
+            continue;
+        };
+        if u.scheme() != "https" {
+            continue;
+        }
+        if let (Some(host), Some(port)) = (u.host_str(), u.port_or_known_default()) {
+            let endpoint = (host.trim_matches(['[', ']']).to_owned(), port);
+            if !out.contains(&endpoint) {
+                out.push(endpoint);
+            }
+        }
+    }
+    out
+}
+
 /// A client for `doctor`'s calls to a service: its own CA bundle, no redirects, 5 s.
 fn doctor_http(key: &str, ca_file: &str) -> Result<reqwest::Client, String> {
     let ca = crate::tls::CaBundle::load(key, ca_file).map_err(|e| e.to_string())?;
@@ -347,6 +428,20 @@ async fn librechat_checks(cfg: &Config) -> Vec<Check> {
             checks.push(ok(format!("LibreChat answers at {base}")));
             if base.starts_with("https://") {
                 checks.push(ok("LibreChat TLS handshake: the certificate is trusted, valid now and names the host"));
+                let ca =
+                    crate::tls::CaBundle::load("librechat.tls_ca_file", &cfg.librechat.tls_ca_file);
+                let config = ca.and_then(|ca| {
+                    crate::tls::http_client_config("librechat.tls_ca_file", ca.as_ref())
+                });
+                checks.extend(
+                    expiry_checks(
+                        "LibreChat",
+                        https_endpoints(&[base]),
+                        config,
+                        "librechat.tls_ca_file",
+                    )
+                    .await,
+                );
             }
         }
         Ok(r) => {
@@ -416,15 +511,31 @@ async fn identity_checks(cfg: &Config) -> Vec<Check> {
             Ok(_) => checks.push(ok(format!(
                 "identity service TLS handshake at {base}: the certificate is trusted, valid now and names the host"
             ))),
-            Err(e) => checks.push(unreachable(
-                "identity service",
-                base,
-                &e,
-                "identity.tls_ca_file",
-                "identity.base_url",
-            )),
+            Err(e) => {
+                checks.push(unreachable(
+                    "identity service",
+                    base,
+                    &e,
+                    "identity.tls_ca_file",
+                    "identity.base_url",
+                ));
+                checks.extend(identity_key_checks(cfg, &http).await);
+                return checks;
+            }
         }
     }
+    let ca = crate::tls::CaBundle::load("identity.tls_ca_file", &cfg.identity.tls_ca_file);
+    let config =
+        ca.and_then(|ca| crate::tls::http_client_config("identity.tls_ca_file", ca.as_ref()));
+    checks.extend(
+        expiry_checks(
+            "identity service",
+            https_endpoints(&[base, &cfg.identity.jwt.jwks_url]),
+            config,
+            "identity.tls_ca_file",
+        )
+        .await,
+    );
     checks.extend(identity_key_checks(cfg, &http).await);
     checks
 }

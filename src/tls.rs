@@ -97,10 +97,22 @@ impl std::fmt::Debug for CaBundle {
 /// the system's trusted roots (the platform verifier, as reqwest uses). No ALPN: the HTTP
 /// connector sets its own.
 pub fn http_client_config(key: &str, ca: Option<&CaBundle>) -> Result<ClientConfig, ConfigError> {
+    client_config(key, ca, None)
+}
+
+/// A client certificate chain and its key.
+pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+/// [`http_client_config`], presenting `identity` when a server asks for a client certificate.
+pub fn client_config(
+    key: &str,
+    ca: Option<&CaBundle>,
+    identity: Option<ClientIdentity>,
+) -> Result<ClientConfig, ConfigError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| invalid(key, format!("TLS setup failed: {e}")))?;
-    let config = match ca {
+    let builder = match ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in &ca.certs {
@@ -108,17 +120,130 @@ pub fn http_client_config(key: &str, ca: Option<&CaBundle>) -> Result<ClientConf
                     .add(cert.clone())
                     .map_err(|e| invalid(key, format!("not a usable CA certificate: {e}")))?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder.with_root_certificates(roots)
         }
         None => {
             use rustls_platform_verifier::BuilderVerifierExt;
             builder
                 .with_platform_verifier()
                 .map_err(|e| invalid(key, format!("cannot load the system's trusted roots: {e}")))?
-                .with_no_client_auth()
         }
     };
-    Ok(config)
+    match identity {
+        Some((chain, private_key)) => builder
+            .with_client_auth_cert(chain, private_key)
+            .map_err(|e| invalid(key, format!("not a usable client certificate: {e}"))),
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The `[redis]` TLS files as a rustls configuration (for `doctor`'s own handshakes).
+pub fn redis_client_config(cfg: &crate::config::RedisConfig) -> Result<ClientConfig, ConfigError> {
+    let ca = CaBundle::load("redis.tls_ca_file", &cfg.tls_ca_file)?;
+    let identity = match (cfg.tls_cert_file.as_str(), cfg.tls_key_file.as_str()) {
+        ("", _) | (_, "") => None,
+        (cert_path, key_path) => {
+            let pem = read_file("redis.tls_cert_file", cert_path)?;
+            let chain = parse_certificates("redis.tls_cert_file", cert_path, &pem)?;
+            let pem = read_file("redis.tls_key_file", key_path)?;
+            let private_key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+                invalid(
+                    "redis.tls_key_file",
+                    format!("{key_path} holds no PEM private key: {e}"),
+                )
+            })?;
+            Some((chain, private_key))
+        }
+    };
+    client_config("redis.tls_ca_file", ca.as_ref(), identity)
+}
+
+/// Connects to `host:port`, completes a verified TLS handshake with `config` and answers when
+/// the server's certificate stops being valid (its `notAfter`).
+pub async fn certificate_expiry(
+    host: &str,
+    port: u16,
+    config: Arc<ClientConfig>,
+) -> Result<time::OffsetDateTime, String> {
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("`{host}` is not a host name: {e}"))?;
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| error_chain(&e))
+    };
+    let stream = tokio::time::timeout(std::time::Duration::from_secs(5), handshake)
+        .await
+        .map_err(|_| "no TLS handshake within 5 s".to_owned())??;
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or("the server sent no certificate")?;
+    not_after(leaf).ok_or_else(|| "cannot read the certificate's validity".to_owned())
+}
+
+/// One DER element: (tag, contents, the rest).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// `notAfter` of an X.509 certificate: Certificate → TBSCertificate → [version], serial,
+/// signature, issuer, validity { notBefore, notAfter }.
+fn not_after(cert: &[u8]) -> Option<time::OffsetDateTime> {
+    let (0x30, certificate, _) = der(cert)? else {
+        return None;
+    };
+    let (0x30, tbs, _) = der(certificate)? else {
+        return None;
+    };
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = der(rest)?.2;
+    }
+    for _ in 0..3 {
+        rest = der(rest)?.2; // serial, signature algorithm, issuer
+    }
+    let (0x30, validity, _) = der(rest)? else {
+        return None;
+    };
+    let (_, _, rest) = der(validity)?;
+    let (tag, time, _) = der(rest)?;
+    let text = std::str::from_utf8(time).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        // UTCTime: YYMMDDHHMMSS, 1950..2049.
+        0x17 => {
+            let yy: i32 = text.get(..2)?.parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, text.get(2..)?)
+        }
+        // GeneralizedTime: YYYYMMDDHHMMSS.
+        0x18 => (text.get(..4)?.parse().ok()?, text.get(4..)?),
+        _ => return None,
+    };
+    let two = |i: usize| rest.get(i..i + 2)?.parse::<u8>().ok();
+    let date =
+        time::Date::from_calendar_date(year, time::Month::try_from(two(0)?).ok()?, two(2)?).ok()?;
+    let at = time::Time::from_hms(two(4)?, two(6)?, two(8)?).ok()?;
+    Some(time::PrimitiveDateTime::new(date, at).assume_utc())
 }
 
 /// A reqwest builder trusting `ca` (only it) when given, else the system's roots (reqwest's
@@ -189,6 +314,53 @@ pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A DER element of `tag` around `content` (short or long length form).
+    fn element(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        if content.len() < 0x80 {
+            out.push(content.len() as u8);
+        } else {
+            out.push(0x82);
+            out.extend_from_slice(&(content.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    #[test]
+    fn reads_not_after_in_both_time_forms() {
+        for (tag, text, expected) in [
+            (0x17u8, "491231235959Z", "2049-12-31 23:59:59"),
+            (0x17, "500101000000Z", "1950-01-01 0:00:00"),
+            (0x18, "40960101000000Z", "4096-01-01 0:00:00"),
+        ] {
+            let validity = [
+                element(0x17, b"200101000000Z"),
+                element(tag, text.as_bytes()),
+            ]
+            .concat();
+            let tbs = [
+                element(0xa0, &element(0x02, &[2])),
+                element(0x02, &[1; 20]),
+                element(0x30, &[0; 10]),
+                element(0x30, &[0; 200]),
+                element(0x30, &validity),
+                element(0x30, &[0; 40]),
+            ]
+            .concat();
+            let cert = element(
+                0x30,
+                &[element(0x30, &tbs), element(0x30, &[0; 12])].concat(),
+            );
+            let at = not_after(&cert).expect(text);
+            assert!(
+                at.to_string().starts_with(expected),
+                "{text}: {at} vs {expected}"
+            );
+        }
+        assert!(not_after(b"\x30\x05garbage").is_none());
+    }
 
     #[test]
     fn a_bundle_without_certificates_is_refused_naming_the_key() {

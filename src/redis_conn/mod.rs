@@ -178,6 +178,35 @@ impl RedisHandle {
         }
     }
 
+    /// The `host:port` of every TLS endpoint the service talks to: the node, Sentinel's current
+    /// master, or every node of a cluster (replicas included). Empty without TLS.
+    pub async fn tls_endpoints(&self) -> Vec<(String, u16)> {
+        if !self.shared.tls {
+            return Vec::new();
+        }
+        let client = match &self.shared.target {
+            Target::Cluster(_) => {
+                let mut nodes: Vec<(String, u16)> = Vec::new();
+                for range in self.cluster_slots().await.unwrap_or_default() {
+                    for node in std::iter::once(range.master).chain(range.replicas) {
+                        if !nodes.contains(&node) {
+                            nodes.push(node);
+                        }
+                    }
+                }
+                return nodes;
+            }
+            _ => match self.shared.node_client().await {
+                Ok(client) => client,
+                Err(_) => return Vec::new(),
+            },
+        };
+        match client.get_connection_info().addr() {
+            redis::ConnectionAddr::TcpTls { host, port, .. } => vec![(host.clone(), *port)],
+            _ => Vec::new(),
+        }
+    }
+
     /// A new connection of its own for blocking commands: no response timeout (the caller
     /// bounds its waits), never shared.
     pub async fn reader(&self) -> redis::RedisResult<RedisConn> {

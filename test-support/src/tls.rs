@@ -87,6 +87,11 @@ impl TestCa {
     /// A certificate for `127.0.0.1` and `localhost`, usable by servers and clients (Redis
     /// uses its server certificate as a client certificate for replication and the cluster bus).
     pub fn issue(&self, name: &str) -> CertFiles {
+        self.issue_until(name, None)
+    }
+
+    /// [`TestCa::issue`], valid until `not_after` (rcgen's default: the year 4096).
+    pub fn issue_until(&self, name: &str, not_after: Option<time::OffsetDateTime>) -> CertFiles {
         let mut params =
             CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
                 .expect("leaf params");
@@ -99,6 +104,9 @@ impl TestCa {
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
         ];
+        if let Some(not_after) = not_after {
+            params.not_after = not_after;
+        }
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         let n = self
@@ -115,7 +123,16 @@ impl TestCa {
 
     /// A rustls server configuration with a new certificate of this CA.
     pub fn server_config(&self, name: &str) -> Arc<rustls::ServerConfig> {
-        let files = self.issue(name);
+        self.server_config_until(name, None)
+    }
+
+    /// [`TestCa::server_config`] with a certificate valid until `not_after`.
+    pub fn server_config_until(
+        &self,
+        name: &str,
+        not_after: Option<time::OffsetDateTime>,
+    ) -> Arc<rustls::ServerConfig> {
+        let files = self.issue_until(name, not_after);
         let certs = CertificateDer::pem_file_iter(&files.cert)
             .expect("cert file")
             .collect::<Result<Vec<_>, _>>()

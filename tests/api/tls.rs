@@ -70,6 +70,12 @@ async fn a_tls_redis_requiring_a_client_certificate_serves_two_replicas_and_a_wo
     let worker = Worker::start(&w, &tls);
     exercise(&w, &a, &b, 20).await;
     worker.stop().await;
+    // doctor's own handshake presents the client certificate too and reads the expiry.
+    let report = doctor::render(&doctor::run(&a.state).await);
+    assert!(
+        report.contains("[ok]   Redis certificate valid until 4096-01-01"),
+        "{report}"
+    );
 
     // Without its client certificate the BFF is refused: the error names the URL, never the
     // password.
@@ -416,7 +422,9 @@ async fn an_https_identity_service_is_trusted_through_its_ca_only() {
         .trim_start_matches("http://")
         .parse()
         .expect("idp address");
-    let front = TlsFront::start(idp_addr, ca.server_config("identity")).await;
+    // Its certificate ends in 10 days: doctor warns.
+    let ends = time::OffsetDateTime::now_utc() + time::Duration::days(10);
+    let front = TlsFront::start(idp_addr, ca.server_config_until("identity", Some(ends))).await;
     let https = ("BFF__IDENTITY__BASE_URL", front.base_url());
     let good = w
         .bff(&[
@@ -452,5 +460,14 @@ async fn an_https_identity_service_is_trusted_through_its_ca_only() {
     assert!(
         report.contains("[ok]   identity service TLS handshake at https://127.0.0.1:"),
         "{report}"
+    );
+    let expiring = format!(
+        "[warn] identity service certificate of 127.0.0.1:{} expires {} (in 9 days)",
+        front.addr.port(),
+        ends.date()
+    );
+    assert!(
+        report.contains(&expiring),
+        "{expiring:?} missing:\n{report}"
     );
 }
