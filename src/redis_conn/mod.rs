@@ -105,7 +105,7 @@ pub struct RedisHandle {
 
 impl std::fmt::Debug for RedisHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may hold a password: never print it.
+        // Only the URL without its password.
         f.debug_struct("RedisHandle")
             .field("url", &self.shared.shown_url)
             .field("prefix", &self.prefix)

@@ -325,8 +325,7 @@ fn sentinel(rest: &str, use_tls: bool, tls: &RedisTls) -> Result<SentinelClient,
             .map_err(|_| invalid(format!("`{d}` is not a database number")))?,
         None => 0,
     };
-    let (user, password, hosts) = hosts_and_auth(authority)
-        .map_err(|_| invalid("a Sentinel URL needs at least one host:port"))?;
+    let (user, password, hosts) = hosts_and_auth(authority)?;
     let addrs = hosts
         .iter()
         .map(|(h, p)| {
