@@ -12,12 +12,12 @@ use support::{
     redis_cluster::RedisCluster,
     tls::TestCa,
     wait::eventually,
-    world::{get_json, http, World, ID_PASSWORD},
+    world::{get_json, http, World},
 };
 
 use crate::scale_out::{
-    connected, exercise, lc_options, request, settings, wait_ready, Signed, Worker, ADMIN_TOKEN,
-    TOKEN_LIFETIME,
+    exercise, lc_options, request, settings, signs_in_and_proxies, wait_ready, Signed, Worker,
+    ADMIN_TOKEN, TOKEN_LIFETIME,
 };
 
 #[tokio::test]
@@ -134,16 +134,7 @@ async fn a_tls_cluster_with_a_password_serves_logins_proxy_and_jobs() {
     let bff = w.bff(&settings(&tls)).await;
     let worker = Worker::start(&w, &tls);
 
-    connected(&bff).await;
-    w.user(&bff, 5).await;
-    let mut browser = bff.client();
-    assert_eq!(
-        browser.login("user5", ID_PASSWORD).await.status,
-        StatusCode::OK
-    );
-    assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
-    let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(5)).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    signs_in_and_proxies(&w, &bff, 5).await;
 
     let ids: Vec<String> = (0..20).map(|i| format!("tls{i}")).collect();
     for id in &ids {

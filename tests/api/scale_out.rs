@@ -116,6 +116,24 @@ pub async fn connected(bff: &TestBff) {
     .await;
 }
 
+/// One replica on its own: a seeded user `id` signs in (cookie session), `/auth/me` answers,
+/// and the proxy serves their Bearer token.
+pub async fn signs_in_and_proxies(w: &World, bff: &TestBff, id: i64) {
+    connected(bff).await;
+    w.user(bff, id).await;
+    let mut browser = bff.client();
+    assert_eq!(
+        browser
+            .login(&format!("user{id}"), ID_PASSWORD)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
+    let (status, body) = get_json(bff, "/api/chat/convos", &w.bearer(id)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
 /// What the scale-out tests keep after [`exercise`]: a browser signed in on replica `a`, and
 /// the Bearer token of the same user.
 pub struct Signed {

@@ -19,7 +19,9 @@ use tokio::{
     process::{Child, Command},
 };
 
-use crate::scale_out::{connected, exercise, lc_options, settings, Worker, TOKEN_LIFETIME};
+use crate::scale_out::{
+    exercise, lc_options, settings, signs_in_and_proxies, Worker, TOKEN_LIFETIME,
+};
 
 const REDIS_PASSWORD: &str = "tls-redis-pw-7c1d";
 
@@ -248,16 +250,7 @@ async fn sentinel_over_tls_names_a_tls_master() {
             ("BFF__REDIS__TLS_CA_FILE", ca.ca_file_string()),
         ])
         .await;
-    connected(&bff).await;
-    w.user(&bff, 6).await;
-    let mut browser = bff.client();
-    assert_eq!(
-        browser.login("user6", ID_PASSWORD).await.status,
-        StatusCode::OK
-    );
-    assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
-    let (status, body) = get_json(&bff, "/api/chat/convos", &w.bearer(6)).await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    signs_in_and_proxies(&w, &bff, 6).await;
 }
 
 #[tokio::test]
