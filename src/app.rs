@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
     middleware,
-    routing::{delete, get, post},
+    routing::{any, delete, get, post},
     Router,
 };
 use tower_http::{
@@ -19,7 +19,7 @@ pub use crate::startup::{AppState, StartupError};
 use crate::{
     admin, error, probes, proxy,
     session::{self, csrf::CsrfPolicy, BffSessionStore},
-    telemetry,
+    telemetry, ui,
 };
 
 pub fn router(state: AppState) -> Router {
@@ -66,6 +66,14 @@ pub fn router(state: AppState) -> Router {
     if state.config.telemetry.metrics_on_main_listener {
         app = app.route("/metrics", get(probes::metrics));
     }
+    // LibreChat's own web UI, signed in through the session (src/ui/mod.rs).
+    if state.config.ui.enabled {
+        app = app.merge(web_ui(state.config.ui.mount()));
+        if state.config.ui.root_images {
+            // Avatars ignore the UI's base path.
+            app = app.route("/images/{*path}", get(ui::images));
+        }
+    }
     app
         // A known route, another method: JSON 405 (axum adds `Allow`). After every route.
         .method_not_allowed_fallback(method_not_allowed)
@@ -83,6 +91,34 @@ pub fn router(state: AppState) -> Router {
             axum::response::IntoResponse::into_response(error::ApiError::Internal)
         }))
         .with_state(state)
+}
+
+/// The web UI's routes under `mount`: its auth calls answered here, its API as the user,
+/// images with the user's LibreChat cookie, the product's login instead of LibreChat's, and the
+/// rest (static files, SPA pages) from LibreChat.
+fn web_ui(mount: &str) -> Router<AppState> {
+    let at = |path: &str| format!("{mount}{path}");
+    let api_methods = || {
+        get(ui::api)
+            .post(ui::api)
+            .put(ui::api)
+            .patch(ui::api)
+            .delete(ui::api)
+            .options(ui::api)
+    };
+    Router::new()
+        .route(&at("/api/auth/refresh"), post(ui::refresh))
+        .route(&at("/api/auth/logout"), post(ui::logout))
+        .route(&at("/api/auth/{*rest}"), any(ui::refused))
+        .route(&at("/api/config"), get(ui::config))
+        .route(&at("/api/{*path}"), api_methods())
+        .route(&at("/images/{*path}"), get(ui::images))
+        .route(&at("/login"), get(ui::to_login))
+        .route(&at("/login/{*rest}"), get(ui::to_login))
+        .route(&at("/oauth/{*rest}"), get(ui::to_login))
+        .route(mount, get(ui::to_mount))
+        .route(&at("/"), any(ui::page))
+        .route(&at("/{*rest}"), any(ui::page))
 }
 
 /// The metrics-only router for `telemetry.metrics_addr`.

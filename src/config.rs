@@ -74,6 +74,9 @@ pub struct Config {
     pub admin: AdminConfig,
     pub hooks: HooksConfig,
     pub telemetry: TelemetryConfig,
+    /// LibreChat's own web UI under a path of the BFF (off unless configured).
+    #[serde(default)]
+    pub ui: UiConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -136,6 +139,9 @@ pub struct LibreChatConfig {
     pub max_request_body_bytes: u64,
     pub replay_buffer_bytes: usize,
     pub pool_idle_timeout_secs: u64,
+    /// PEM bundle of the CAs trusted for an https:// LibreChat (only these); empty: the
+    /// system's roots.
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -163,6 +169,11 @@ pub struct RedisConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_file: Option<String>,
     pub key_prefix: String,
+    /// TLS (`rediss…://`): PEM bundle of the CAs trusted (only these); empty: the system's roots.
+    pub tls_ca_file: String,
+    /// TLS client certificate (PEM) and its key, for Redis servers that require one.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -229,6 +240,9 @@ pub struct IdentityConfig {
     pub refresh_request_field: String,
     pub refresh_skew_secs: u64,
     pub timeout_secs: u64,
+    /// PEM bundle of the CAs trusted for an https:// identity service (token endpoints and
+    /// JWKS; only these); empty: the system's roots.
+    pub tls_ca_file: String,
     pub jwt: JwtConfig,
     pub claims: ClaimsConfig,
 }
@@ -367,23 +381,28 @@ impl Config {
         self.listen_addr()?;
         self.trusted_proxies()?;
         self.validate_server()?;
-        let url = self.redis.url.expose();
-        if url.starts_with("rediss://") {
-            // Not built in (yet): fail here, with the reason, rather than at the first request.
-            return Err(invalid(
-                "redis.url",
-                "TLS (rediss://) is not supported: use redis://, unix:// or redis+sentinel:// \
-                 (e.g. through a local TLS-terminating proxy)",
-            ));
+        self.ui.validate()?;
+        let (_, redis_tls) = crate::redis_conn::target::check(self.redis.url.expose())?;
+        let r = &self.redis;
+        if !redis_tls {
+            for (key, value) in [
+                ("redis.tls_ca_file", &r.tls_ca_file),
+                ("redis.tls_cert_file", &r.tls_cert_file),
+                ("redis.tls_key_file", &r.tls_key_file),
+            ] {
+                if !value.is_empty() {
+                    return Err(invalid(
+                        key,
+                        "set, but redis.url does not use TLS (rediss://, rediss+sentinel:// or \
+                         rediss+cluster://)",
+                    ));
+                }
+            }
         }
-        if !(url.starts_with("redis://")
-            || url.starts_with("redis+unix://")
-            || url.starts_with("unix://")
-            || url.starts_with("redis+sentinel://"))
-        {
+        if r.tls_cert_file.is_empty() != r.tls_key_file.is_empty() {
             return Err(invalid(
-                "redis.url",
-                "must start with redis://, unix:// or redis+sentinel://",
+                "redis.tls_cert_file",
+                "set both redis.tls_cert_file and redis.tls_key_file, or neither",
             ));
         }
         if self.redis.key_prefix.is_empty() || self.redis.key_prefix.contains(['{', '}', ' ']) {
@@ -479,6 +498,15 @@ impl Config {
         }
         if id.timeout_secs == 0 {
             return Err(invalid("identity.timeout_secs", "must be > 0"));
+        }
+        if !id.tls_ca_file.is_empty()
+            && !id.base_url.starts_with("https://")
+            && !id.jwt.jwks_url.starts_with("https://")
+        {
+            return Err(invalid(
+                "identity.tls_ca_file",
+                "set, but neither identity.base_url nor identity.jwt.jwks_url is https://",
+            ));
         }
         parse_algorithms(&id.jwt)?;
         if id.jwt.jwks_max_age_secs == 0 {
@@ -600,7 +628,15 @@ impl Config {
     fn validate_librechat(&self) -> Result<(), ConfigError> {
         let lc = &self.librechat;
         match url::Url::parse(&lc.url) {
-            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(u) if u.scheme() == "https" => {}
+            Ok(u) if u.scheme() == "http" => {
+                if !lc.tls_ca_file.is_empty() {
+                    return Err(invalid(
+                        "librechat.tls_ca_file",
+                        "set, but librechat.url is http:// (use https:// or drop the CA file)",
+                    ));
+                }
+            }
             _ => {
                 return Err(invalid(
                     "librechat.url",
@@ -761,4 +797,120 @@ pub fn parse_algorithms(cfg: &JwtConfig) -> Result<Vec<Algorithm>, ConfigError> 
         });
     }
     Ok(algs)
+}
+
+/// `[ui]`: LibreChat's web UI served under `mount_path`, signed in through the BFF session
+/// (see src/ui/).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    pub enabled: bool,
+    pub mount_path: String,
+    pub login_url: String,
+    pub return_param: String,
+    pub after_logout_url: String,
+    pub public_origin: String,
+    pub root_images: bool,
+    pub public_share_links: bool,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            mount_path: "/chat".into(),
+            login_url: "/login".into(),
+            return_param: "next".into(),
+            after_logout_url: "/".into(),
+            public_origin: String::new(),
+            root_images: true,
+            public_share_links: false,
+        }
+    }
+}
+
+impl UiConfig {
+    /// The mount path without its trailing slash (`/chat`).
+    pub fn mount(&self) -> &str {
+        self.mount_path.trim_end_matches('/')
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let mount = self.mount();
+        let reserved = [
+            "/api", "/auth", "/admin", "/hooks", "/healthz", "/readyz", "/metrics",
+        ];
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s != "."
+                && s != ".."
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b))
+        };
+        if !mount.starts_with('/') || !mount[1..].split('/').all(segment_ok) {
+            return Err(invalid(
+                "ui.mount_path",
+                "must be an absolute path of plain segments (e.g. \"/chat\"), not \"/\"",
+            ));
+        }
+        if reserved
+            .iter()
+            .any(|r| mount == *r || mount.starts_with(&format!("{r}/")))
+        {
+            return Err(invalid(
+                "ui.mount_path",
+                "collides with the BFF's own routes (/api, /auth, /admin, /hooks, probes)",
+            ));
+        }
+        if self.root_images && (mount == "/images" || mount.starts_with("/images/")) {
+            return Err(invalid(
+                "ui.mount_path",
+                "collides with /images (ui.root_images)",
+            ));
+        }
+        for (key, value) in [
+            ("ui.login_url", &self.login_url),
+            ("ui.after_logout_url", &self.after_logout_url),
+        ] {
+            let relative = value.starts_with('/') && !value.starts_with("//");
+            let absolute = url::Url::parse(value)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !(relative || absolute) || value.bytes().any(|b| b.is_ascii_control()) {
+                return Err(invalid(
+                    key,
+                    "must be a path (\"/login\") or an http(s) URL of the product",
+                ));
+            }
+        }
+        if self.return_param.is_empty()
+            || !self
+                .return_param
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(invalid(
+                "ui.return_param",
+                "must be a plain query parameter name",
+            ));
+        }
+        if !self.public_origin.is_empty() {
+            let ok = url::Url::parse(&self.public_origin).is_ok_and(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.has_host()
+                    && u.path() == "/"
+                    && u.query().is_none()
+                    && !self.public_origin.ends_with('/')
+            });
+            if !ok {
+                return Err(invalid(
+                    "ui.public_origin",
+                    "must be an origin like \"https://app.example.com\" (no path, no trailing slash)",
+                ));
+            }
+        }
+        Ok(())
+    }
 }

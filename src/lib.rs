@@ -25,3 +25,5 @@ pub mod session;
 pub mod startup;
 pub mod telemetry;
 pub mod throttle;
+pub mod tls;
+pub mod ui;

@@ -25,6 +25,7 @@ use crate::{
     },
     telemetry::metrics::Metrics,
     throttle::LoginThrottle,
+    ui::Ui,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +56,8 @@ pub struct AppInner {
     pub sign_in: Arc<SignIn>,
     /// `/api/chat/*`.
     pub proxy: Arc<Proxy>,
+    /// LibreChat's web UI under `ui.mount_path` (routed only when `ui.enabled`).
+    pub ui: Arc<Ui>,
     /// `/admin/*`, `/hooks/users` and the CLI.
     pub ops: Arc<Ops>,
     /// `/healthz`, `/readyz`, `/metrics`.
@@ -90,7 +93,7 @@ impl AppState {
     pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, StartupError> {
         let keyring = Arc::new(KeyRing::from_config(&config.crypto)?);
         let metrics = Arc::new(Metrics::new());
-        let http = IdentityClient::http_client(&config.identity);
+        let http = IdentityClient::http_client(&config.identity)?;
         let verifier = IdentityVerifier::with_clock(
             &config.identity.jwt,
             &config.identity.claims,
@@ -98,7 +101,7 @@ impl AppState {
             clock.clone(),
         )?;
         let identity = IdentityClient::new(&config.identity, http);
-        let redis = RedisHandle::new(config.redis.url.expose(), &config.redis.key_prefix)?;
+        let redis = RedisHandle::from_config(&config.redis)?;
         let runtime = tokio::runtime::Handle::try_current().is_ok();
         // Connecting never blocks start-up or a request (see src/redis_conn.rs).
         if runtime {
@@ -123,8 +126,9 @@ impl AppState {
         };
         let sessions = Arc::new(SessionRegistry::new(store, redis.clone(), keyring.clone()));
         let vault = CredentialVault::new(redis.clone(), keyring.clone(), clock.clone());
+        let librechat = LibreChatClient::new(&config.librechat)?;
         let tokens = Arc::new(TokenManager::new(
-            LibreChatClient::new(&config.librechat),
+            librechat.clone(),
             vault.clone(),
             redis.clone(),
             keyring.clone(),
@@ -158,7 +162,7 @@ impl AppState {
             &config,
             redis.clone(),
             vault.clone(),
-            LibreChatClient::new(&config.librechat),
+            librechat,
             browser_user_agent.clone(),
             metrics.clone(),
             service_account,
@@ -194,6 +198,7 @@ impl AppState {
             metrics: metrics.clone(),
             body_idle_timeout: Duration::from_secs(config.server.request_body_idle_timeout_secs),
         });
+        let ui = Arc::new(Ui::new(proxy.clone(), config.ui.clone(), &keyring));
         let ops = Arc::new(Ops {
             auth: auth.clone(),
             vault: vault.clone(),
@@ -229,6 +234,7 @@ impl AppState {
             auth,
             sign_in,
             proxy,
+            ui,
             ops,
             probes,
             body_deadline,
@@ -267,6 +273,7 @@ macro_rules! sub_state {
 sub_state!(Arc<Authenticator>, auth);
 sub_state!(Arc<SignIn>, sign_in);
 sub_state!(Arc<Proxy>, proxy);
+sub_state!(Arc<Ui>, ui);
 sub_state!(Arc<Ops>, ops);
 sub_state!(Arc<Probes>, probes);
 sub_state!(Arc<Metrics>, metrics);

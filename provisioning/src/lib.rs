@@ -5,11 +5,13 @@
 //! to LibreChat and the credential vault through [`workflow::AccountBackend`], which the service
 //! implements.
 
+pub mod conn;
 pub mod queue;
 mod scripts;
 pub mod worker;
 pub mod workflow;
 
+pub use conn::RedisConn;
 pub use queue::{Delivery, Job, JobQueue, JobState, ProvisionRequest, QueueConfig, QueueError};
 pub use worker::{JobHandler, Outcome, Worker};
 pub use workflow::{

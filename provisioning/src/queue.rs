@@ -28,13 +28,13 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use redis::{
-    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    aio::{ConnectionManager, ConnectionManagerConfig},
     streams::{StreamAutoClaimReply, StreamReadOptions, StreamReadReply},
     AsyncCommands, AsyncConnectionConfig,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::scripts;
+use crate::{conn::RedisConn, scripts};
 
 pub const GROUP: &str = "workers";
 
@@ -145,14 +145,16 @@ pub struct Delivery {
     pub consumer: String,
 }
 
-/// Where the queue gets its Redis connections. The service passes its own handle (which follows
-/// a Sentinel failover); [`redis::Client`] works as is.
+/// Where the queue gets its Redis connections. The service passes its own handle (a single node,
+/// Sentinel's current master, or a Redis Cluster); [`JobQueue::new`] takes a plain
+/// [`redis::Client`].
 #[async_trait::async_trait]
 pub trait RedisSource: Send + Sync + 'static {
     /// The shared, auto-reconnecting connection.
-    async fn manager(&self) -> redis::RedisResult<ConnectionManager>;
-    /// A client for the current master (dedicated connections are opened from it).
-    async fn client(&self) -> redis::RedisResult<redis::Client>;
+    async fn shared(&self) -> redis::RedisResult<RedisConn>;
+    /// A new connection of its own for blocking reads: no response timeout (the reader bounds
+    /// its own waits), never shared with other commands.
+    async fn reader(&self) -> redis::RedisResult<RedisConn>;
 }
 
 /// A plain client: one endpoint, connected on first use.
@@ -163,7 +165,7 @@ struct DirectSource {
 
 #[async_trait::async_trait]
 impl RedisSource for DirectSource {
-    async fn manager(&self) -> redis::RedisResult<ConnectionManager> {
+    async fn shared(&self) -> redis::RedisResult<RedisConn> {
         let manager = self
             .manager
             .get_or_try_init(|| async {
@@ -174,11 +176,18 @@ impl RedisSource for DirectSource {
                 ConnectionManager::new_with_config(self.client.clone(), config).await
             })
             .await?;
-        Ok(manager.clone())
+        Ok(RedisConn::Node(manager.clone()))
     }
 
-    async fn client(&self) -> redis::RedisResult<redis::Client> {
-        Ok(self.client.clone())
+    async fn reader(&self) -> redis::RedisResult<RedisConn> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(None);
+        Ok(RedisConn::Dedicated(
+            self.client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        ))
     }
 }
 
@@ -202,7 +211,7 @@ fn is_nogroup(e: &redis::RedisError) -> bool {
     e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP")
 }
 
-async fn create_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), QueueError> {
+async fn create_group(conn: &mut RedisConn, stream: &str) -> Result<(), QueueError> {
     let created: redis::RedisResult<()> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -256,8 +265,8 @@ impl JobQueue {
     }
 
     /// The shared connection; the first use also makes sure the consumer group exists.
-    async fn conn(&self) -> Result<ConnectionManager, QueueError> {
-        let conn = self.source.manager().await?;
+    async fn conn(&self) -> Result<RedisConn, QueueError> {
+        let conn = self.source.shared().await?;
         let stream = self.stream();
         self.group_ready
             .get_or_try_init(|| async { create_group(&mut conn.clone(), &stream).await })
@@ -341,7 +350,7 @@ impl JobQueue {
     /// Needs its own connection: a blocking read would stall the shared one.
     pub async fn read(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         consumer: &str,
         count: usize,
         block: Duration,
@@ -382,18 +391,11 @@ impl JobQueue {
         Ok(out)
     }
 
-    /// A dedicated connection for [`JobQueue::read`]. It has no response timeout: the client's
-    /// default (500 ms) would fail any read blocking longer than that; `read` bounds its own wait.
-    pub async fn reader_connection(&self) -> Result<MultiplexedConnection, QueueError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(None);
-        Ok(self
-            .source
-            .client()
-            .await?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+    /// A dedicated connection for [`JobQueue::read`] (on a cluster, a cluster connection of its
+    /// own). It has no response timeout: the client's default (500 ms) would fail any read
+    /// blocking longer than that; `read` bounds its own wait.
+    pub async fn reader_connection(&self) -> Result<RedisConn, QueueError> {
+        Ok(self.source.reader().await?)
     }
 
     /// Takes over deliveries idle longer than the visibility timeout (their worker died).

@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rand::Rng;
+use rand::RngExt as _;
 
 use crate::{
     queue::{Job, ProvisionRequest},

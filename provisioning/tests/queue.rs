@@ -1436,7 +1436,12 @@ async fn a_worker_whose_lease_was_taken_over_abandons_the_run_and_records_nothin
 }
 
 /// `consumer` reads a job of `user` and completes it: it exists and holds nothing.
-async fn run_one_job(q: &JobQueue, reader: &mut MultiplexedConnection, consumer: &str, user: &str) {
+async fn run_one_job(
+    q: &JobQueue,
+    reader: &mut provisioning::RedisConn,
+    consumer: &str,
+    user: &str,
+) {
     let (id, _) = q.enqueue(request(user)).await.expect("enqueue");
     let d = q
         .read(reader, consumer, 1, Duration::from_millis(100))

@@ -1,7 +1,10 @@
 //! Fernet key ring with MultiFernet semantics: the first key encrypts, every key decrypts.
 //! Tokens are the standard Fernet format, so Python `cryptography.fernet` reads and writes them.
 
+use base64::Engine;
 use fernet::{Fernet, MultiFernet};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::config::CryptoConfig;
 
@@ -19,6 +22,8 @@ pub struct KeyRing {
     multi: MultiFernet,
     /// The primary key alone, to tell whether a token is already under it (rotation).
     primary: Fernet,
+    /// The primary key's bytes, only ever used as an HMAC key (see `derive`).
+    primary_bytes: Vec<u8>,
     len: usize,
     ephemeral: bool,
 }
@@ -53,10 +58,14 @@ impl KeyRing {
             .map(|(index, k)| Fernet::new(k.as_ref()).ok_or(CryptoError::BadKey { index }))
             .collect::<Result<Vec<_>, _>>()?;
         let primary = Fernet::new(keys[0].as_ref()).ok_or(CryptoError::BadKey { index: 0 })?;
+        let primary_bytes = base64::engine::general_purpose::URL_SAFE
+            .decode(keys[0].as_ref().trim())
+            .map_err(|_| CryptoError::BadKey { index: 0 })?;
         Ok(Self {
             len: fernets.len(),
             multi: MultiFernet::new(fernets),
             primary,
+            primary_bytes,
             ephemeral: false,
         })
     }
@@ -87,6 +96,15 @@ impl KeyRing {
             .decrypt(token)
             .map_err(|_| CryptoError::Undecryptable)?;
         String::from_utf8(bytes).map_err(|_| CryptoError::NotUtf8)
+    }
+
+    /// A key for `purpose` derived from the primary key (HMAC-SHA256), so other secrets need no
+    /// configuration of their own and rotate with the ring. Never the Fernet key itself.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.primary_bytes)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// Whether `token` is already encrypted under the primary key (rotation can skip it).

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CryptoError, KeyRing};
 use crate::{clock::Clock, redis_conn::RedisHandle};
-use redis::{AsyncCommands, ScanOptions, Script};
+use redis::Script;
 
 use std::sync::{Arc, LazyLock};
 
@@ -104,7 +104,7 @@ pub enum EmailOwner {
 
 /// Replaces `key`'s value `old` with `new`; `false` when someone wrote it meanwhile.
 async fn compare_and_set(
-    conn: &mut redis::aio::ConnectionManager,
+    conn: &mut crate::redis_conn::RedisConn,
     key: &str,
     old: &str,
     new: &str,
@@ -381,13 +381,11 @@ impl CredentialVault {
             .await?;
         if !built {
             let mut oldest: std::collections::HashMap<String, (i64, String)> = Default::default();
-            let mut iter: redis::AsyncIter<String> =
-                conn.scan_match(self.redis.key("cred:*")).await?;
-            let mut keys = Vec::new();
-            while let Some(key) = iter.next_item().await {
-                keys.push(key?);
-            }
-            drop(iter);
+            // Every master's keys on a cluster.
+            let keys = self
+                .redis
+                .scan_keys(&self.redis.key("cred:*"), usize::MAX)
+                .await?;
             for key in keys {
                 let raw: Option<String> =
                     redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
@@ -461,19 +459,14 @@ impl CredentialVault {
     /// Re-encrypts every record whose password is not under the primary key.
     pub async fn rotate(&self) -> Result<RotationReport, VaultError> {
         let mut conn = self.redis.conn().await?;
-        // The scan has a connection of its own (a clone of the shared one): it borrows it for
-        // as long as it iterates, while each record is read and rewritten on `conn`.
-        let mut scan_conn = conn.clone();
-        let mut keys: redis::AsyncIter<String> = scan_conn
-            .scan_options(
-                ScanOptions::default()
-                    .with_pattern(self.redis.key("cred:*"))
-                    .with_count(200),
-            )
+        // The keys first (every master's on a cluster), then each record is read and
+        // rewritten.
+        let keys = self
+            .redis
+            .scan_keys(&self.redis.key("cred:*"), usize::MAX)
             .await?;
         let mut report = RotationReport::default();
-        while let Some(key) = keys.next_item().await {
-            let key = key?;
+        for key in keys {
             report.total += 1;
             let Some(raw) = redis::cmd("GET")
                 .arg(&key)

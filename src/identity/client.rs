@@ -6,7 +6,10 @@ use std::time::Duration;
 use reqwest::{header::HeaderMap, StatusCode};
 use serde_json::{Map, Value};
 
-use crate::{config::IdentityConfig, end_user::EndUser};
+use crate::{
+    config::{ConfigError, IdentityConfig},
+    end_user::EndUser,
+};
 
 use super::verifier::VerifyError;
 
@@ -80,13 +83,23 @@ impl IdentityClient {
 
     /// An HTTP client for the identity service: timeouts, no redirects (a redirect from a token
     /// endpoint is a misconfiguration, not something to follow with a password).
-    pub fn http_client(cfg: &IdentityConfig) -> reqwest::Client {
-        reqwest::Client::builder()
+    /// With `identity.tls_ca_file`, only that bundle's CAs are trusted (token endpoints and
+    /// JWKS alike).
+    pub fn http_client(cfg: &IdentityConfig) -> Result<reqwest::Client, ConfigError> {
+        let ca = crate::tls::CaBundle::load("identity.tls_ca_file", &cfg.tls_ca_file)?;
+        let builder = reqwest::Client::builder()
             .timeout(Duration::from_secs(cfg.timeout_secs))
             .connect_timeout(Duration::from_secs(cfg.timeout_secs.min(5)))
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        crate::tls::reqwest_trust(builder, "identity.tls_ca_file", ca.as_ref())?
             .build()
-            .unwrap_or_else(|_| reqwest::Client::new())
+            .map_err(|e| ConfigError::Invalid {
+                key: "identity.tls_ca_file".into(),
+                reason: format!(
+                    "cannot build the HTTP client: {}",
+                    crate::tls::error_chain(&e)
+                ),
+            })
     }
 
     /// Exchanges a user's identifier (email or username) and password for tokens, on behalf of
@@ -143,11 +156,9 @@ impl IdentityClient {
         if let Some(ua) = &caller.user_agent {
             req = req.header(reqwest::header::USER_AGENT, ua.clone());
         }
-        let res = req
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| IdentityClientError::Unavailable(e.without_url().to_string()))?;
+        let res = req.json(&body).send().await.map_err(|e| {
+            IdentityClientError::Unavailable(crate::tls::error_chain(&e.without_url()))
+        })?;
         let status = res.status();
         if !status.is_success() {
             return Err(classify_failure(status, res.headers()));

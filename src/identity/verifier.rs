@@ -531,7 +531,7 @@ impl JwksCache {
             .get(&self.url)
             .send()
             .await
-            .map_err(|e| e.without_url().to_string())?;
+            .map_err(|e| crate::tls::error_chain(&e.without_url()))?;
         if !res.status().is_success() {
             return Err(format!("JWKS answered {}", res.status()));
         }

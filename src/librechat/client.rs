@@ -9,7 +9,10 @@ use cookie::Cookie;
 use reqwest::{header, StatusCode};
 use serde_json::{json, Value};
 
-use crate::{config::LibreChatConfig, end_user::ClientInfo};
+use crate::{
+    config::{ConfigError, LibreChatConfig},
+    end_user::ClientInfo,
+};
 
 /// The cookie LibreChat keeps its refresh token in.
 const REFRESH_COOKIE: &str = "refreshToken";
@@ -65,17 +68,26 @@ pub struct LibreChatClient {
 }
 
 impl LibreChatClient {
-    pub fn new(cfg: &LibreChatConfig) -> Self {
-        let http = reqwest::Client::builder()
+    /// With `librechat.tls_ca_file`, only that bundle's CAs are trusted.
+    pub fn new(cfg: &LibreChatConfig) -> Result<Self, ConfigError> {
+        let ca = crate::tls::CaBundle::load("librechat.tls_ca_file", &cfg.tls_ca_file)?;
+        let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
             .timeout(Duration::from_secs(cfg.response_header_timeout_secs.max(5)))
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        let http = crate::tls::reqwest_trust(builder, "librechat.tls_ca_file", ca.as_ref())?
             .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Self {
+            .map_err(|e| ConfigError::Invalid {
+                key: "librechat.tls_ca_file".into(),
+                reason: format!(
+                    "cannot build the HTTP client: {}",
+                    crate::tls::error_chain(&e)
+                ),
+            })?;
+        Ok(Self {
             http,
             base: cfg.url.trim_end_matches('/').to_owned(),
-        }
+        })
     }
 
     fn post(&self, path: &str, client: &ClientInfo) -> reqwest::RequestBuilder {
@@ -91,7 +103,7 @@ impl LibreChatClient {
     ) -> Result<reqwest::Response, LibreChatError> {
         req.send()
             .await
-            .map_err(|e| LibreChatError::Unavailable(e.without_url().to_string()))
+            .map_err(|e| LibreChatError::Unavailable(crate::tls::error_chain(&e.without_url())))
     }
 
     /// `POST /api/auth/login {email, password}` → `{token, user}` + refresh cookie.

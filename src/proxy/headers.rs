@@ -48,7 +48,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// CSRF header (`csrf.header_name`), which is the BFF's business only, like `X-CSRF`.
 pub fn rewrite_request(
     headers: &mut HeaderMap,
-    token: &UpstreamToken,
+    token: Option<&UpstreamToken>,
     client: &ClientInfo,
     request_id: &HeaderValue,
     csrf_header: &HeaderName,
@@ -65,7 +65,9 @@ pub fn rewrite_request(
     for name in forwarded {
         headers.remove(name);
     }
-    headers.insert(header::AUTHORIZATION, token.authorization.clone());
+    if let Some(token) = token {
+        headers.insert(header::AUTHORIZATION, token.authorization.clone());
+    }
     // LibreChat trusts one hop and keys limiters and bans on the right-most entry: send exactly
     // the end user's address.
     headers.insert(

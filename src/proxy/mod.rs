@@ -20,10 +20,11 @@ use http_body_util::BodyExt;
 use std::{sync::Arc, time::Duration};
 
 use crate::{
+    end_user::ClientInfo,
     error::ApiError,
-    librechat::{TokenError, TokenManager},
+    librechat::{TokenError, TokenManager, UpstreamToken},
     provisioner::Provisioner,
-    session::{authenticate, Authenticator},
+    session::{authenticate, Authenticator, UserInfo},
     telemetry::metrics::Metrics,
 };
 
@@ -56,89 +57,139 @@ pub async fn forward(State(state): State<Arc<Proxy>>, req: Request) -> Response 
 
 async fn forward_request(state: &Proxy, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-
     // 1. Authenticate: a path we would refuse anyway costs no session lookup.
     let rest = path::checked_rest(parts.uri.path(), &state.upstream.deny_prefixes)?;
     let user = authenticate(&state.auth, &parts, true).await?.user;
-    let client = state.auth.end_users.client_info_of(&parts)?;
+    let uri = state.upstream.uri(rest, parts.uri.query())?;
+    state.send(parts, body, uri, As::User(&user)).await
+}
 
-    // 2. Acquire the user's LibreChat token (in-process when warm). No usable account yet:
-    // make sure a provisioning job exists (just in time), answer 503 meanwhile with the time
-    // the job runs next.
-    let token = match state.tokens.token(&user.id, &client).await {
-        Ok(token) => token,
-        Err(e) => {
-            if matches!(
-                e,
-                TokenError::ProvisioningPending | TokenError::CredentialInvalid
-            ) {
-                if let Err(pe) = state.provisioner.ensure(&user, "login").await {
-                    tracing::warn!(user = %user.id, error = %pe, "cannot enqueue provisioning");
+/// Who LibreChat sees a forwarded request come from.
+#[derive(Debug, Clone, Copy)]
+pub enum As<'a> {
+    /// The user, with their LibreChat access token.
+    User(&'a UserInfo),
+    /// The user, also with their LibreChat refresh cookie (`/images` with `secureImageLinks`).
+    UserWithCookie(&'a UserInfo),
+    /// Nobody: static files of the web UI and public routes.
+    Anonymous,
+}
+
+impl Proxy {
+    /// Phases 2–5 of a request whose caller and LibreChat URI are known: acquire the token,
+    /// rewrite, forward (replaying once after a 401), stream the answer back.
+    pub async fn send(
+        &self,
+        parts: Parts,
+        body: Body,
+        uri: axum::http::Uri,
+        who: As<'_>,
+    ) -> Result<Response, ApiError> {
+        let client = self.auth.end_users.client_info_of(&parts)?;
+        // 2. Acquire the user's LibreChat token (in-process when warm).
+        let (user, token) = match who {
+            As::User(user) | As::UserWithCookie(user) => {
+                (Some(user), Some(self.token_for(user, &client).await?))
+            }
+            As::Anonymous => (None, None),
+        };
+        let cookie = match who {
+            As::UserWithCookie(user) => Some(
+                self.tokens
+                    .refresh_cookie(&user.id, &client)
+                    .await
+                    .map_err(ApiError::from)?,
+            ),
+            _ => None,
+        };
+
+        // 3. Rewrite the request.
+        let request_id = crate::telemetry::request_id(&parts.headers);
+        let mut body =
+            RequestBody::prepare(&parts, body, &self.upstream, self.body_idle_timeout).await?;
+        let method = parts.method;
+        // The client's headers are not needed any more: rewrite them in place.
+        let mut upstream_headers = parts.headers;
+        headers::rewrite_request(
+            &mut upstream_headers,
+            token.as_ref(),
+            &client,
+            &request_id,
+            &self.upstream.csrf_header,
+        );
+        if let Some(cookie) = cookie {
+            upstream_headers.insert(header::COOKIE, cookie);
+        }
+
+        // 4. Forward; on 401 renew the token and replay once if the body allows it.
+        let (first, outcome) = body.take();
+        // Keep a copy for the replay only when there can be one.
+        let kept = (body.replay_possible() && token.is_some())
+            .then(|| (uri.clone(), upstream_headers.clone()));
+        let mut res = self
+            .upstream
+            .send(
+                method.clone(),
+                uri,
+                upstream_headers,
+                first,
+                outcome.as_ref(),
+                &self.metrics,
+            )
+            .await?;
+        if let (Some(user), Some(token)) = (user, &token) {
+            if res.status() == StatusCode::UNAUTHORIZED {
+                let (Some(replay), Some((uri, mut upstream_headers))) = (body.replay(), kept)
+                else {
+                    self.tokens.invalidate(&user.id, token.generation);
+                    return Err(ApiError::LibreChatUnauthorized);
+                };
+                let renewed = self.tokens.replace(&user.id, token, &client).await?;
+                upstream_headers.insert(header::AUTHORIZATION, renewed.authorization.clone());
+                res = self
+                    .upstream
+                    .send(method, uri, upstream_headers, replay, None, &self.metrics)
+                    .await?;
+                if res.status() == StatusCode::UNAUTHORIZED {
+                    self.tokens.renewal_refused(&user.id, &renewed);
+                    return Err(ApiError::LibreChatUnauthorized);
                 }
             }
-            if matches!(e, TokenError::ProvisioningPending) {
-                return Err(ApiError::ProvisioningPendingFor(
-                    state.provisioner.retry_after(&user.id).await,
-                ));
-            }
-            return Err(e.into());
         }
-    };
 
-    // 3. Rewrite the request.
-    let request_id = crate::telemetry::request_id(&parts.headers);
-    let uri = state.upstream.uri(rest, parts.uri.query())?;
-    let mut body =
-        RequestBody::prepare(&parts, body, &state.upstream, state.body_idle_timeout).await?;
-    let method = parts.method;
-    // The client's headers are not needed any more: rewrite them in place.
-    let mut upstream_headers = parts.headers;
-    headers::rewrite_request(
-        &mut upstream_headers,
-        &token,
-        &client,
-        &request_id,
-        &state.upstream.csrf_header,
-    );
-
-    // 4. Forward; on 401 renew the token and replay once if the body allows it.
-    let (first, outcome) = body.take();
-    // Keep a copy for the replay only when there can be one.
-    let kept = body
-        .replay_possible()
-        .then(|| (uri.clone(), upstream_headers.clone()));
-    let mut res = state
-        .upstream
-        .send(
-            method.clone(),
-            uri,
-            upstream_headers,
-            first,
-            outcome.as_ref(),
-            &state.metrics,
-        )
-        .await?;
-    if res.status() == StatusCode::UNAUTHORIZED {
-        let (Some(replay), Some((uri, mut upstream_headers))) = (body.replay(), kept) else {
-            state.tokens.invalidate(&user.id, token.generation);
-            return Err(ApiError::LibreChatUnauthorized);
-        };
-        let renewed = state.tokens.replace(&user.id, &token, &client).await?;
-        upstream_headers.insert(header::AUTHORIZATION, renewed.authorization.clone());
-        res = state
+        // 5. Filter the response and stream it back.
+        Ok(self
             .upstream
-            .send(method, uri, upstream_headers, replay, None, &state.metrics)
-            .await?;
-        if res.status() == StatusCode::UNAUTHORIZED {
-            state.tokens.renewal_refused(&user.id, &renewed);
-            return Err(ApiError::LibreChatUnauthorized);
-        }
+            .into_client_response(res, &request_id, &self.metrics))
     }
 
-    // 5. Filter the response and stream it back.
-    Ok(state
-        .upstream
-        .into_client_response(res, &request_id, &state.metrics))
+    /// The user's LibreChat token. No usable account yet: make sure a provisioning job exists
+    /// (just in time), answer 503 meanwhile with the time the job runs next.
+    pub async fn token_for(
+        &self,
+        user: &UserInfo,
+        client: &ClientInfo,
+    ) -> Result<UpstreamToken, ApiError> {
+        match self.tokens.token(&user.id, client).await {
+            Ok(token) => Ok(token),
+            Err(e) => {
+                if matches!(
+                    e,
+                    TokenError::ProvisioningPending | TokenError::CredentialInvalid
+                ) {
+                    if let Err(pe) = self.provisioner.ensure(user, "login").await {
+                        tracing::warn!(user = %user.id, error = %pe, "cannot enqueue provisioning");
+                    }
+                }
+                if matches!(e, TokenError::ProvisioningPending) {
+                    return Err(ApiError::ProvisioningPendingFor(
+                        self.provisioner.retry_after(&user.id).await,
+                    ));
+                }
+                Err(e.into())
+            }
+        }
+    }
 }
 
 /// The request body as it will be sent, and whether it can be sent twice.

@@ -35,6 +35,34 @@ pub fn checked_rest<'a>(raw_path: &'a str, deny: &[String]) -> Result<&'a str, A
     let rest = raw_path
         .strip_prefix("/api/chat/")
         .ok_or(ApiError::NotFound)?;
+    checked_api_path(rest, deny)
+}
+
+/// A path below LibreChat's `/api/` (`rest` has no leading slash), validated and checked
+/// against the built-in and configured denials.
+pub fn checked_api_path<'a>(rest: &'a str, deny: &[String]) -> Result<&'a str, ApiError> {
+    let decoded = decoded_segments(rest)?;
+    let denied_built_in = BUILT_IN_DENIALS.iter().any(|(prefix, _)| {
+        prefix.len() <= decoded.len() && prefix.iter().zip(&decoded).all(|(p, d)| p == d)
+    });
+    if denied_built_in {
+        return Err(ApiError::NotFound);
+    }
+    // Configured prefixes are plain string prefixes of the decoded path (no segment rule, as
+    // documented: "agents/tools" also covers "agents/tools2").
+    let path = decoded.join("/");
+    if deny.iter().any(|p| {
+        let prefix = checked_prefix(p);
+        !prefix.is_empty() && path.starts_with(&prefix)
+    }) {
+        return Err(ApiError::NotFound);
+    }
+    Ok(rest)
+}
+
+/// The decoded, lower-cased segments of a relative path (no leading slash); a trailing slash
+/// leaves one empty last segment. Dot segments, `//` and hidden separators are refused.
+pub fn decoded_segments(rest: &str) -> Result<Vec<String>, ApiError> {
     if rest.is_empty() {
         return Err(ApiError::NotFound);
     }
@@ -52,22 +80,7 @@ pub fn checked_rest<'a>(raw_path: &'a str, deny: &[String]) -> Result<&'a str, A
             None => return Err(ApiError::BadPath),
         }
     }
-    let denied_built_in = BUILT_IN_DENIALS.iter().any(|(prefix, _)| {
-        prefix.len() <= decoded.len() && prefix.iter().zip(&decoded).all(|(p, d)| p == d)
-    });
-    if denied_built_in {
-        return Err(ApiError::NotFound);
-    }
-    // Configured prefixes are plain string prefixes of the decoded path (no segment rule, as
-    // documented: "agents/tools" also covers "agents/tools2").
-    let path = decoded.join("/");
-    if deny.iter().any(|p| {
-        let prefix = checked_prefix(p);
-        !prefix.is_empty() && path.starts_with(&prefix)
-    }) {
-        return Err(ApiError::NotFound);
-    }
-    Ok(rest)
+    Ok(decoded)
 }
 
 /// A configured deny prefix, decoded and lower-cased like the paths it is compared with.

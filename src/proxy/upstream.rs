@@ -23,6 +23,7 @@ use axum::{
 };
 use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::{
     client::legacy::{connect::HttpConnector, Client},
     rt::TokioExecutor,
@@ -43,8 +44,10 @@ use crate::{
 
 pub struct Upstream {
     /// One connection pool per core runtime (index 0: any other thread), so a request never
-    /// borrows a connection whose task runs on another thread (see `per_core`).
-    clients: Box<[Client<HttpConnector, Body>]>,
+    /// borrows a connection whose task runs on another thread (see `per_core`). The connector
+    /// speaks TLS to an https:// LibreChat (trusting `librechat.tls_ca_file`, else the system's
+    /// roots) and plain TCP to an http:// one.
+    clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
     scheme: Scheme,
     authority: Authority,
     /// `{base path}/api/`: what `/api/chat/` maps to.
@@ -74,17 +77,24 @@ impl Upstream {
             reason: reason.into(),
         };
         let uri: Uri = cfg.url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            // LibreChat sits on the private network; the proxy speaks plain HTTP to it.
-            return Err(bad(
-                "must be an http:// URL (LibreChat is reached on the private network)",
-            ));
-        }
+        let scheme = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP || *s == Scheme::HTTPS => s.clone(),
+            _ => return Err(bad("must be an http:// or https:// URL")),
+        };
         let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
         let base = uri.path().trim_end_matches('/');
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
-        connector.set_nodelay(true);
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(cfg.connect_timeout_secs)));
+        http.set_nodelay(true);
+        // `https_or_http`: the URI's scheme decides; `enforce_http(false)` lets https through.
+        http.enforce_http(false);
+        let ca = crate::tls::CaBundle::load("librechat.tls_ca_file", &cfg.tls_ca_file)?;
+        let tls = crate::tls::http_client_config("librechat.tls_ca_file", ca.as_ref())?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
         let clients = (0..=cores)
             .map(|_| {
                 Client::builder(TokioExecutor::new())
@@ -94,7 +104,7 @@ impl Upstream {
             .collect();
         Ok(Self {
             clients,
-            scheme: Scheme::HTTP,
+            scheme,
             authority,
             prefix: format!("{base}/api/"),
             header_timeout: Duration::from_secs(cfg.response_header_timeout_secs),
@@ -118,9 +128,19 @@ impl Upstream {
 
     /// `{librechat}/api/{rest}[?query]`.
     pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        self.build_uri(&self.prefix, rest, query)
+    }
+
+    /// `{librechat}/{rest}[?query]`: LibreChat's routes outside `/api` (web UI, `/images`).
+    pub fn root_uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
+        let base = self.prefix.strip_suffix("api/").unwrap_or(&self.prefix);
+        self.build_uri(base, rest, query)
+    }
+
+    fn build_uri(&self, prefix: &str, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
         let path_and_query = match query {
-            Some(q) => format!("{}{rest}?{q}", self.prefix),
-            None => format!("{}{rest}", self.prefix),
+            Some(q) => format!("{prefix}{rest}?{q}"),
+            None => format!("{prefix}{rest}"),
         };
         Uri::builder()
             .scheme(self.scheme.clone())
@@ -249,7 +269,17 @@ fn classify(
     res: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
 ) -> Result<Response<Incoming>, ApiError> {
     res.map_err(|e| {
-        tracing::warn!(error = %e, "LibreChat request failed");
+        // The cause is in the sources ("client error (Connect)" alone says nothing).
+        let error = crate::tls::error_chain(&e);
+        if crate::tls::is_tls_failure(&e) {
+            tracing::warn!(
+                %error,
+                "LibreChat TLS handshake failed: its certificate is not trusted or does not name \
+                 the host (check librechat.tls_ca_file and librechat.url)"
+            );
+        } else {
+            tracing::warn!(%error, "LibreChat request failed");
+        }
         ApiError::LibreChatUnavailable
     })
 }

@@ -104,6 +104,25 @@ pub async fn authenticate(
             session: None,
         });
     }
+    authenticate_cookie(auth, parts, slide, CsrfRule::Header).await
+}
+
+/// The CSRF rule a cookie-authenticated request must pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CsrfRule {
+    /// The configured header, and an allowlisted (or same-host) `Origin`: the product's apps.
+    Header,
+    /// Same origin only (LibreChat's web UI under `ui.mount_path`, which sends no CSRF header).
+    SameOrigin,
+}
+
+/// Authenticates by the session cookie alone (an `Authorization` header is not looked at).
+pub async fn authenticate_cookie(
+    auth: &Arc<Authenticator>,
+    parts: &Parts,
+    slide: bool,
+    rule: CsrfRule,
+) -> Result<Authenticated, ApiError> {
     // A hostile cookie header is refused before the session is read.
     let cookie_bytes: usize = parts
         .headers
@@ -132,7 +151,10 @@ pub async fn authenticate(
         end_session(auth, &session, &data.user.id, &sid).await;
         return Err(ApiError::SessionEnded);
     }
-    auth.csrf.check_cookie_request(parts)?;
+    match rule {
+        CsrfRule::Header => auth.csrf.check_cookie_request(parts)?,
+        CsrfRule::SameOrigin => auth.csrf.check_same_origin(parts)?,
+    }
 
     let mut changed = false;
     let skew = auth.refresh_skew_secs;

@@ -48,6 +48,25 @@ impl CsrfPolicy {
         self.check_origin(&parts.headers)
     }
 
+    /// For clients that cannot send the header (LibreChat's web UI): an unsafe method needs an
+    /// `Origin` that is allowlisted or the request's own host — browsers send one on every
+    /// non-GET fetch — and, when the browser says where the request comes from
+    /// (`Sec-Fetch-Site`), it must be `same-origin`.
+    pub fn check_same_origin(&self, parts: &Parts) -> Result<(), ApiError> {
+        if is_safe(&parts.method) {
+            return Ok(());
+        }
+        if let Some(site) = parts.headers.get("sec-fetch-site") {
+            if site.as_bytes() != b"same-origin" {
+                return Err(ApiError::Csrf("Only same-origin requests may change data."));
+            }
+        }
+        if !parts.headers.contains_key(header::ORIGIN) {
+            return Err(ApiError::Csrf("This request needs an Origin header."));
+        }
+        self.check_origin(&parts.headers)
+    }
+
     /// The origin half alone (login and session exchange: no cookie yet, but a cross-site page
     /// must not be able to plant a session).
     pub fn check_origin(&self, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -9,7 +9,9 @@ pub mod store;
 
 use serde::{Deserialize, Serialize};
 
-pub use auth::{authenticate, Authenticated, Authenticator, CurrentUser};
+pub use auth::{
+    authenticate, authenticate_cookie, Authenticated, Authenticator, CsrfRule, CurrentUser,
+};
 pub use registry::SessionRegistry;
 pub use store::{BffSessionStore, RedisSessionStore};
 

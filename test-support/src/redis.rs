@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt as _;
 use tempfile::TempDir;
 use tokio::process::{Child, Command};
 use tokio::time::{interval, timeout, Instant, MissedTickBehavior};
@@ -36,6 +36,58 @@ pub struct RedisServer {
     key_prefix: String,
 }
 
+/// How a local `redis-server` runs beyond the defaults (loopback, no persistence).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Append-only file fsynced on every write.
+    pub aof: bool,
+    /// `requirepass`: the URL then carries it.
+    pub password: Option<String>,
+    /// TLS only (`--port 0 --tls-port P`).
+    pub tls: Option<ServerTls>,
+    /// A cluster node (`cluster-enabled yes`) with this node timeout; its bus port is reserved
+    /// next to its port.
+    pub cluster_node_timeout_ms: Option<u64>,
+    /// Also listen on a unix socket in the server's directory ([`RedisServer::unix_url`]).
+    pub unix_socket: bool,
+}
+
+/// A TLS server's files (from a [`crate::tls::TestCa`]).
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert: crate::tls::CertFiles,
+    pub ca_file: PathBuf,
+    /// `tls-auth-clients yes`: clients must present a certificate of the CA.
+    pub require_client_cert: bool,
+    /// The certificate the harness's own connections present.
+    pub client: crate::tls::CertFiles,
+}
+
+impl ServerTls {
+    /// Server and harness-client certificates from `ca`.
+    pub fn from_ca(ca: &crate::tls::TestCa, require_client_cert: bool) -> ServerTls {
+        ServerTls {
+            cert: ca.issue("redis"),
+            ca_file: ca.ca_file().to_owned(),
+            require_client_cert,
+            client: ca.issue("harness"),
+        }
+    }
+
+    /// `TlsCertificates` for a client trusting the CA and presenting `client`.
+    pub fn certificates(&self, client: Option<&crate::tls::CertFiles>) -> redis::TlsCertificates {
+        let read =
+            |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("read {}: {e}", p.display()));
+        redis::TlsCertificates {
+            client_tls: client.map(|c| redis::ClientTlsConfig {
+                client_cert: read(&c.cert),
+                client_key: read(&c.key),
+            }),
+            root_cert: Some(read(&self.ca_file)),
+        }
+    }
+}
+
 enum Backend {
     /// A `redis-server` child process owned by this instance.
     Local(Box<Local>),
@@ -46,7 +98,9 @@ enum Backend {
 struct Local {
     binary: PathBuf,
     port: u16,
-    aof: bool,
+    /// The cluster bus port (cluster nodes only).
+    bus_port: Option<u16>,
+    opts: ServerOptions,
     /// `None` while stopped.
     child: Option<Child>,
     /// Dropped last (field order), after the child is killed.
@@ -66,11 +120,68 @@ impl RedisServer {
         Self::launch(true).await
     }
 
-    /// `redis://127.0.0.1:PORT/` (or `REDIS_URL` for an external Redis).
+    /// A Redis (or cluster) the test runs itself, known by its URL (e.g. a [`RedisCluster`]'s
+    /// `redis+cluster://…`), with a fresh key prefix. It cannot be stopped through this handle.
+    ///
+    /// [`RedisCluster`]: crate::redis_cluster::RedisCluster
+    pub fn external(url: String) -> RedisServer {
+        RedisServer {
+            backend: Backend::External { url },
+            key_prefix: format!("t-{:016x}", rand::rng().random::<u64>()),
+        }
+    }
+
+    /// A local `redis-server` with `opts` (TLS, password, cluster mode need a local binary).
+    pub async fn start_with(opts: ServerOptions) -> RedisServer {
+        let key_prefix = format!("t-{:016x}", rand::rng().random::<u64>());
+        let Some(binary) = find_redis_server() else {
+            panic!("{INSTALL_HINT}");
+        };
+        Self::launch_local(binary, opts, key_prefix).await
+    }
+
+    /// `redis://127.0.0.1:PORT/` (or `REDIS_URL` for an external Redis); `rediss://` with TLS,
+    /// with `:password@` when one is required.
     pub fn url(&self) -> String {
         match &self.backend {
-            Backend::Local(local) => format!("redis://127.0.0.1:{}/", local.port),
+            Backend::Local(local) => local.url(),
             Backend::External { url } => url.clone(),
+        }
+    }
+
+    /// A client of this server as the harness connects (TLS: trusting the test CA and
+    /// presenting the harness's certificate).
+    pub fn client(&self) -> redis::Client {
+        match &self.backend {
+            Backend::Local(local) => local.client().expect("client of the test redis"),
+            Backend::External { url } => redis::Client::open(url.as_str()).expect("REDIS_URL"),
+        }
+    }
+
+    /// Kills the process at once (SIGKILL: no shutdown, no save), as a crash would. Its port
+    /// stays reserved.
+    pub async fn kill(&mut self) {
+        let local = self.local_mut("kill");
+        if let Some(mut child) = local.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// `unix:///…/redis.sock` of a server started with [`ServerOptions::unix_socket`].
+    pub fn unix_url(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Local(local) if local.opts.unix_socket => {
+                Some(format!("unix://{}", local.socket_path().display()))
+            }
+            _ => None,
+        }
+    }
+
+    /// The cluster bus port of a cluster node.
+    pub fn bus_port(&self) -> Option<u16> {
+        match &self.backend {
+            Backend::Local(local) => local.bus_port,
+            Backend::External { .. } => None,
         }
     }
 
@@ -90,15 +201,15 @@ impl RedisServer {
     /// Shuts the server down (`SHUTDOWN NOSAVE`, or a kill if that does not work) and returns
     /// once its port refuses connections. Does nothing if already stopped.
     pub async fn stop(&mut self) {
-        let url = self.url();
         let local = self.local_mut("stop");
+        let client = local.client().ok();
         let Some(mut child) = local.child.take() else {
             return;
         };
         // The server closes the connection instead of answering, so the result is ignored;
         // the exit of the process below is what counts.
         let _ = timeout(DEADLINE, async {
-            let client = redis::Client::open(url.as_str()).ok()?;
+            let client = client?;
             let mut conn = client.get_multiplexed_async_connection().await.ok()?;
             redis::cmd("SHUTDOWN")
                 .arg("NOSAVE")
@@ -131,13 +242,12 @@ impl RedisServer {
     /// Starts the server again on the same port and directory (so an AOF instance gets its
     /// data back) and returns once it answers `PING`. Does nothing if it is running.
     pub async fn restart(&mut self) {
-        let url = self.url();
         let local = self.local_mut("restart");
         if local.child.is_some() {
             return;
         }
         local.child = Some(local.spawn());
-        if let Err(why) = local.wait_ready(&url).await {
+        if let Err(why) = local.wait_ready().await {
             panic!(
                 "redis-server did not come back on port {}: {why}\n{}",
                 local.port,
@@ -159,6 +269,14 @@ impl RedisServer {
             }
             panic!("{INSTALL_HINT}");
         };
+        let opts = ServerOptions {
+            aof,
+            ..ServerOptions::default()
+        };
+        Self::launch_local(binary, opts, key_prefix).await
+    }
+
+    async fn launch_local(binary: PathBuf, opts: ServerOptions, key_prefix: String) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("bff-redis-")
             .tempdir()
@@ -166,7 +284,8 @@ impl RedisServer {
         let mut local = Local {
             binary,
             port: 0,
-            aof,
+            bus_port: None,
+            opts,
             child: None,
             dir,
         };
@@ -175,9 +294,11 @@ impl RedisServer {
         let mut failures = Vec::new();
         for _ in 0..5 {
             local.port = reserve_port();
+            if local.opts.cluster_node_timeout_ms.is_some() {
+                local.bus_port = Some(reserve_port());
+            }
             local.child = Some(local.spawn());
-            let url = format!("redis://127.0.0.1:{}/", local.port);
-            match local.wait_ready(&url).await {
+            match local.wait_ready().await {
                 Ok(()) => {
                     return RedisServer {
                         backend: Backend::Local(Box::new(local)),
@@ -190,6 +311,9 @@ impl RedisServer {
                         let _ = child.kill().await;
                     }
                     release_port(local.port);
+                    if let Some(bus) = local.bus_port.take() {
+                        release_port(bus);
+                    }
                 }
             }
         }
@@ -221,11 +345,43 @@ impl Drop for RedisServer {
                 let _ = child.start_kill();
             }
             release_port(local.port);
+            if let Some(bus) = local.bus_port {
+                release_port(bus);
+            }
         }
     }
 }
 
 impl Local {
+    fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    fn url(&self) -> String {
+        let scheme = if self.opts.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .opts
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}/", self.port)
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.opts.tls {
+            Some(tls) => redis::Client::build_with_tls(
+                self.url().as_str(),
+                tls.certificates(Some(&tls.client)),
+            ),
+            None => redis::Client::open(self.url().as_str()),
+        }
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("redis.log")
     }
@@ -238,15 +394,59 @@ impl Local {
             .expect("open the redis-server log file");
         let log_err = log.try_clone().expect("clone the log file handle");
         let mut cmd = Command::new(&self.binary);
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1"])
+        match &self.opts.tls {
+            Some(tls) => {
+                cmd.args(["--port", "0"])
+                    .arg("--tls-port")
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.cert.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca_file)
+                    .args([
+                        "--tls-auth-clients",
+                        if tls.require_client_cert { "yes" } else { "no" },
+                    ])
+                    // Replicas and the cluster bus speak TLS too.
+                    .args(["--tls-replication", "yes"]);
+                if self.opts.cluster_node_timeout_ms.is_some() {
+                    cmd.args(["--tls-cluster", "yes"]);
+                }
+            }
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+        }
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--daemonize", "no", "--protected-mode", "no"]);
-        if self.aof {
+        if self.opts.aof {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        }
+        if self.opts.unix_socket {
+            cmd.arg("--unixsocket")
+                .arg(self.socket_path())
+                .args(["--unixsocketperm", "700"]);
+        }
+        if let Some(password) = &self.opts.password {
+            // Replicas authenticate to their master with it too.
+            cmd.args(["--requirepass", password, "--masterauth", password]);
+        }
+        if let Some(timeout_ms) = self.opts.cluster_node_timeout_ms {
+            cmd.args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .arg("--cluster-node-timeout")
+                .arg(timeout_ms.to_string())
+                // A replica may always take over (the test kills masters on purpose).
+                .args(["--cluster-replica-validity-factor", "0"])
+                .arg("--cluster-port")
+                .arg(self.bus_port.unwrap_or(0).to_string())
+                // Replicas sync at once (the default waits 5 s to batch them).
+                .args(["--repl-diskless-sync-delay", "0"]);
         }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -257,8 +457,10 @@ impl Local {
     }
 
     /// Polls `PING` until it answers, the process exits, or the deadline passes.
-    async fn wait_ready(&mut self, url: &str) -> Result<(), String> {
-        let client = redis::Client::open(url).map_err(|e| format!("bad url {url}: {e}"))?;
+    async fn wait_ready(&mut self) -> Result<(), String> {
+        let client = self
+            .client()
+            .map_err(|e| format!("bad url {}: {e}", self.url()))?;
         let deadline = Instant::now() + DEADLINE;
         let mut tick = ticker();
         loop {

@@ -30,9 +30,13 @@ pub struct World {
 
 impl World {
     pub async fn new(lc_opts: FakeLibreChatOptions) -> World {
+        Self::with_redis(lc_opts, RedisServer::start_with_aof().await).await
+    }
+
+    /// The world on a Redis of the test's choosing (TLS, a cluster: [`RedisServer::external`]).
+    pub async fn with_redis(lc_opts: FakeLibreChatOptions, redis: RedisServer) -> World {
         let idp = FakeIdp::start(FakeIdpOptions::default()).await;
         let lc = FakeLibreChat::start(lc_opts).await;
-        let redis = RedisServer::start_with_aof().await;
         World {
             idp,
             lc,

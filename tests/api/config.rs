@@ -119,8 +119,80 @@ fn bad_values_name_the_key_and_the_reason() {
             "csrf.header_name",
         ),
         (
-            &[("BFF__REDIS__URL", "rediss://cache.example.com:6380")],
+            &[("BFF__REDIS__URL", "redis+cluster://10.0.0.1")],
             "redis.url",
+        ),
+        (
+            &[(
+                "BFF__REDIS__URL",
+                "rediss://cache.example.com:6380/#insecure",
+            )],
+            "redis.url",
+        ),
+        (
+            &[("BFF__REDIS__TLS_CA_FILE", "/etc/ca.pem")],
+            "redis.tls_ca_file",
+        ),
+        (
+            &[
+                ("BFF__REDIS__URL", "rediss://cache.example.com:6380"),
+                ("BFF__REDIS__TLS_CERT_FILE", "/etc/client.pem"),
+            ],
+            "redis.tls_cert_file",
+        ),
+        (
+            &[("BFF__LIBRECHAT__TLS_CA_FILE", "/etc/ca.pem")],
+            "librechat.tls_ca_file",
+        ),
+        (
+            &[("BFF__IDENTITY__TLS_CA_FILE", "/etc/ca.pem")],
+            "identity.tls_ca_file",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__MOUNT_PATH", "/api"),
+            ],
+            "ui.mount_path",
+        ),
+        (
+            &[("BFF__UI__ENABLED", "true"), ("BFF__UI__MOUNT_PATH", "/")],
+            "ui.mount_path",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__MOUNT_PATH", "/chat/../admin"),
+            ],
+            "ui.mount_path",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__LOGIN_URL", "javascript:alert(1)"),
+            ],
+            "ui.login_url",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__AFTER_LOGOUT_URL", "//evil.example"),
+            ],
+            "ui.after_logout_url",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__PUBLIC_ORIGIN", "https://app.example.com/x"),
+            ],
+            "ui.public_origin",
+        ),
+        (
+            &[
+                ("BFF__UI__ENABLED", "true"),
+                ("BFF__UI__RETURN_PARAM", "a&b"),
+            ],
+            "ui.return_param",
         ),
     ];
     for (env, key) in cases {
@@ -129,6 +201,16 @@ fn bad_values_name_the_key_and_the_reason() {
     }
     let msg = error_text(load(&[("BFF__SESSION__IDLE_TIMEOUT_SECS", "soon")]));
     assert!(msg.contains("idle_timeout_secs"), "{msg}");
+    // Every topology's URL syntax loads (TLS included).
+    for url in [
+        "rediss://:pw@cache.example.com:6380/0",
+        "unix:///run/redis.sock",
+        "rediss+sentinel://:pw@s1:26379,s2:26379/mymaster/0",
+        "redis+cluster://n1:6379,n2:6379",
+        "rediss+cluster://user:pw@n1:6379",
+    ] {
+        load(&[("BFF__REDIS__URL", url)]).unwrap_or_else(|e| panic!("{url}: {e}"));
+    }
 }
 
 #[test]

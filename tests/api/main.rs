@@ -10,6 +10,7 @@
 
 mod bridge;
 mod cli;
+mod cluster;
 mod compose;
 mod config;
 mod credentials;
@@ -17,5 +18,9 @@ mod identity;
 mod librechat_conformance;
 mod operations;
 mod provisioning;
+mod scale_out;
 mod sentinel;
 mod sessions;
+mod tls;
+mod ui;
+mod ui_browser;

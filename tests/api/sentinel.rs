@@ -23,7 +23,7 @@ async fn query(port: u16, args: &[&str]) -> Option<redis::Value> {
     cmd.query_async(&mut conn).await.ok()
 }
 
-fn spawn_redis(args: &[String], dir: &std::path::Path) -> Child {
+pub(crate) fn spawn_redis(args: &[String], dir: &std::path::Path) -> Child {
     Command::new("redis-server")
         .args(args)
         .current_dir(dir)

@@ -104,8 +104,8 @@ impl TokenCache {
             let mut warned = false;
             loop {
                 let subscribed = async {
-                    let client = redis.client().await?;
-                    let mut pubsub = client.get_async_pubsub().await?;
+                    // On a cluster: a connection to any one node (see redis_conn::cluster).
+                    let mut pubsub = redis.pubsub().await?;
                     pubsub.subscribe(&channel).await?;
                     Ok::<_, redis::RedisError>(pubsub)
                 }

@@ -149,6 +149,31 @@ impl TokenManager {
             .await
     }
 
+    /// `Cookie: refreshToken=…; token_provider=librechat` of the user's current LibreChat login,
+    /// for LibreChat routes that read the cookie (`/images` with `secureImageLinks`). It makes
+    /// sure a login exists first; the cookie itself is read from Redis (it rotates).
+    pub async fn refresh_cookie(
+        &self,
+        user_id: &str,
+        client: &ClientInfo,
+    ) -> Result<HeaderValue, TokenError> {
+        self.token(user_id, client).await?;
+        let login = self
+            .store
+            .load(user_id)
+            .await?
+            .ok_or(TokenError::ProvisioningPending)?;
+        let mut cookie = HeaderValue::from_str(&format!(
+            "refreshToken={}; token_provider=librechat",
+            login.refresh
+        ))
+        .map_err(|_| {
+            TokenError::Unavailable("LibreChat issued an unusable refresh token".into())
+        })?;
+        cookie.set_sensitive(true);
+        Ok(cookie)
+    }
+
     /// After LibreChat answered 401 to `rejected`: a new token (refresh, else re-login), unless
     /// another request already replaced it.
     pub async fn replace(

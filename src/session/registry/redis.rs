@@ -51,13 +51,17 @@ impl TokenIndex for RedisIndex {
         let body = encode(&stored)?;
         let index = self.index_key(user_id);
         let mut conn = self.redis.conn().await?;
-        redis::pipe()
-            .cmd("SET")
-            .arg(self.tokens_key(sid))
+        let mut index_conn = conn.clone();
+        // The tokens and the user's index live in different hash slots (on a cluster, maybe on
+        // different nodes): two requests, sent at once on the multiplexed connection.
+        let mut set = redis::cmd("SET");
+        set.arg(self.tokens_key(sid))
             .arg(body)
             .arg("PXAT")
-            .arg(at_ms)
-            .ignore()
+            .arg(at_ms);
+        let tokens = set.query_async::<()>(&mut conn);
+        let mut index_pipe = redis::pipe();
+        index_pipe
             .cmd("SADD")
             .arg(&index)
             .arg(sid)
@@ -65,9 +69,9 @@ impl TokenIndex for RedisIndex {
             .cmd("PEXPIREAT")
             .arg(&index)
             .arg(at_ms)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
+            .ignore();
+        let indexed = index_pipe.query_async::<()>(&mut index_conn);
+        tokio::try_join!(tokens, indexed)?;
         Ok(())
     }
 
@@ -96,16 +100,15 @@ impl TokenIndex for RedisIndex {
 
     async fn remove(&self, user_id: &str, sid: &str) -> Result<(), SessionError> {
         let mut conn = self.redis.conn().await?;
-        redis::pipe()
-            .cmd("DEL")
-            .arg(self.tokens_key(sid))
-            .ignore()
-            .cmd("SREM")
-            .arg(self.index_key(user_id))
-            .arg(sid)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await?;
+        let mut index_conn = conn.clone();
+        // Two hash slots: two requests, sent at once.
+        let mut del = redis::cmd("DEL");
+        del.arg(self.tokens_key(sid));
+        let mut srem = redis::cmd("SREM");
+        srem.arg(self.index_key(user_id)).arg(sid);
+        let tokens = del.query_async::<()>(&mut conn);
+        let indexed = srem.query_async::<()>(&mut index_conn);
+        tokio::try_join!(tokens, indexed)?;
         Ok(())
     }
 

@@ -539,7 +539,7 @@ fn clear_auth_cookies(resp: &mut Response<Body>) {
     }
 }
 
-fn parse_cookies(headers: &HeaderMap) -> HashMap<String, String> {
+pub(super) fn parse_cookies(headers: &HeaderMap) -> HashMap<String, String> {
     let mut out = HashMap::new();
     for value in headers.get_all(header::COOKIE) {
         let Ok(value) = value.to_str() else { continue };

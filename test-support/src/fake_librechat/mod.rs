@@ -41,6 +41,7 @@ mod convos;
 mod files;
 mod limits;
 mod server;
+mod spa;
 mod state;
 mod util;
 mod validation;
@@ -121,6 +122,14 @@ pub struct FakeLibreChatOptions {
     /// Add `Secure` to the auth cookies, as LibreChat does in production on a non-loopback
     /// `DOMAIN_SERVER` (default false, as recorded).
     pub secure_cookies: bool,
+    /// `secureImageLinks` (librechat.yaml): `/images/*` only with the owner's refresh cookie
+    /// (default false, as LibreChat's default).
+    pub secure_image_links: bool,
+    /// A built web client to serve outside `/api` (default none: the built-in shell of `spa.rs`).
+    /// When set, a GET of a path naming a file in this directory gets that file (content type by
+    /// extension), and of every other path (but `/images/*`) its `index.html`, as LibreChat
+    /// serves `client/dist` with its single-page-app fallback.
+    pub spa_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for FakeLibreChatOptions {
@@ -142,6 +151,8 @@ impl Default for FakeLibreChatOptions {
             sse_frame_interval: Duration::from_millis(20),
             strict_upload_field_order: true,
             secure_cookies: false,
+            secure_image_links: false,
+            spa_dir: None,
         }
     }
 }

@@ -200,7 +200,10 @@ async fn dispatch(
         _ => (None, Some(body)),
     };
     if !(path == "/api" || path.starts_with("/api/")) {
-        return spa_index();
+        if let Some(dir) = spa::client_dir(shared, &parts.method, &path) {
+            return spa::from_dir(&dir, &path).await;
+        }
+        return spa::serve(shared, &parts.method, &path, &parts.headers);
     }
     let mut ctx = Ctx {
         method: parts.method,

@@ -52,14 +52,6 @@ pub(super) fn endpoint_not_found() -> Response<Body> {
 }
 
 /// Any non-API path gets the client's index.html.
-pub(super) fn spa_index() -> Response<Body> {
-    text(
-        StatusCode::OK,
-        "<!DOCTYPE html><html lang=\"en-US\"><head><meta charset=\"utf-8\"><base href=\"/\" />\
-         <title>LibreChat</title></head><body><div id=\"root\"></div></body></html>",
-    )
-}
-
 pub(super) fn sse_frame(event: &str, data: &Value) -> String {
     format!("event: {event}\ndata: {data}\n\n")
 }

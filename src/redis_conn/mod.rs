@@ -10,10 +10,15 @@
 //! so service comes back by itself once Redis answers. After that the `ConnectionManager`
 //! reconnects by itself.
 //!
-//! `redis.url` is a plain endpoint (`redis://`, `unix://`) or Sentinel
-//! (`redis+sentinel://[:password@]host:port[,host:port…]/<master name>[/<db>]`). With Sentinel the
-//! master is asked of the sentinels, and a watchdog checks the connected node's `ROLE` every
-//! second: after a failover the connection is dropped and the next use asks again.
+//! `redis.url` names one node (`redis://`, `rediss://`, `unix://`), a Sentinel deployment
+//! (`redis+sentinel://`, `rediss+sentinel://`) or a Redis Cluster (`redis+cluster://`,
+//! `rediss+cluster://`); see [`target`] for the syntax. With Sentinel the master is asked of the
+//! sentinels, and a watchdog checks the connected node's `ROLE` every second: after a failover
+//! the connection is dropped and the next use asks again. A cluster connection routes each
+//! command by hash slot and follows `MOVED` redirections and failovers by itself.
+//!
+//! Every connection is a [`RedisConn`]; what a cluster asks of the code that uses it (one hash
+//! slot per script or pipeline, `SCAN` per master) is said in `provisioning::conn`.
 
 use std::{
     sync::{
@@ -25,25 +30,31 @@ use std::{
 
 use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
-    sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
-    ErrorKind, RedisConnectionInfo, RedisError,
+    ErrorKind, RedisError,
 };
-use tokio::sync::{watch, Mutex};
+use tokio::sync::watch;
 
-use crate::config::ConfigError;
+pub use provisioning::RedisConn;
 
-/// One connect attempt (Sentinel lookup, TCP, handshake) gives up after this long.
+use crate::config::{ConfigError, RedisConfig};
+
+mod cluster;
+pub mod target;
+
+pub use cluster::{ClusterHealth, SlotRange};
+use target::Target;
+pub use target::{redact, RedisTls, Topology};
+
+/// One connect attempt (Sentinel lookup, TCP, TLS handshake, cluster topology) gives up after
+/// this long.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A command's answer is awaited this long on the shared connection.
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a caller waits for a connect attempt already under way.
 pub const FAIL_FAST_WAIT: Duration = Duration::from_millis(250);
 /// Pause between failed attempts: doubles from the first to the last.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(1);
-
-enum Target {
-    Direct(redis::Client),
-    Sentinel(Mutex<SentinelClient>),
-}
 
 /// Where the connector is.
 #[derive(Debug, Clone)]
@@ -58,7 +69,13 @@ enum Link {
 
 struct Shared {
     target: Target,
-    manager: RwLock<Option<ConnectionManager>>,
+    /// `redis.url` without its password: what logs, errors and `doctor` show.
+    shown_url: String,
+    topology: Topology,
+    tls: bool,
+    /// Rotates the node a cluster's pub/sub subscription starts with.
+    next_node: std::sync::atomic::AtomicUsize,
+    manager: RwLock<Option<RedisConn>>,
     link: watch::Sender<Link>,
     connector: AtomicBool,
     watchdog: AtomicBool,
@@ -74,7 +91,7 @@ struct Shared {
 /// thread (the hot path's session lookup; see `per_core`).
 #[derive(Default)]
 struct CoreConn {
-    manager: Option<(u64, ConnectionManager)>,
+    manager: Option<(u64, RedisConn)>,
     connecting: bool,
     /// The last attempt failed then: the next waits [`RETRY_MAX`].
     failed_at: Option<std::time::Instant>,
@@ -88,86 +105,39 @@ pub struct RedisHandle {
 
 impl std::fmt::Debug for RedisHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may hold a password: never print it.
+        // Only the URL without its password.
         f.debug_struct("RedisHandle")
+            .field("url", &self.shared.shown_url)
             .field("prefix", &self.prefix)
             .finish()
     }
 }
 
-fn invalid(reason: String) -> ConfigError {
-    ConfigError::Invalid {
-        key: "redis.url".into(),
-        reason,
-    }
-}
-
-/// Parses `redis+sentinel://[:password@]h1:p1[,h2:p2…]/<master>[/<db>]`.
-fn sentinel_client(url: &str) -> Result<SentinelClient, ConfigError> {
-    let rest = url
-        .strip_prefix("redis+sentinel://")
-        .ok_or_else(|| invalid("not a redis+sentinel:// URL".into()))?;
-    let (auth, rest) = match rest.rsplit_once('@') {
-        Some((auth, rest)) => (Some(auth), rest),
-        None => (None, rest),
-    };
-    let (hosts, path) = rest
-        .split_once('/')
-        .ok_or_else(|| invalid("a Sentinel URL needs /<master name> after the hosts".into()))?;
-    let mut path = path.split('/');
-    let master = path
-        .next()
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| invalid("a Sentinel URL needs /<master name> after the hosts".into()))?;
-    let db: i64 = match path.next().filter(|d| !d.is_empty()) {
-        Some(d) => d
-            .parse()
-            .map_err(|_| invalid(format!("`{d}` is not a database number")))?,
-        None => 0,
-    };
-    let sentinels: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| format!("redis://{h}"))
-        .collect();
-    if sentinels.is_empty() {
-        return Err(invalid(
-            "a Sentinel URL needs at least one host:port".into(),
-        ));
-    }
-    let mut info = RedisConnectionInfo::default().set_db(db);
-    if let Some(auth) = auth {
-        let (user, password) = auth.split_once(':').unwrap_or(("", auth));
-        if !user.is_empty() {
-            info = info.set_username(user);
-        }
-        if !password.is_empty() {
-            info = info.set_password(password);
-        }
-    }
-    let node = SentinelNodeConnectionInfo::default().set_redis_connection_info(info);
-    SentinelClient::build(
-        sentinels,
-        master.to_owned(),
-        Some(node),
-        SentinelServerType::Master,
-    )
-    .map_err(|e| invalid(format!("not a Sentinel URL ({:?})", e.kind())))
-}
-
 impl RedisHandle {
+    /// A handle on `url` with the system's trusted roots for TLS and no client certificate.
     pub fn new(url: &str, prefix: &str) -> Result<Self, ConfigError> {
-        let target = if url.starts_with("redis+sentinel://") {
-            Target::Sentinel(Mutex::new(sentinel_client(url)?))
-        } else {
-            Target::Direct(
-                redis::Client::open(url)
-                    .map_err(|e| invalid(format!("not a Redis URL ({:?})", e.kind())))?,
-            )
-        };
+        Self::with_tls(url, prefix, &RedisTls::default())
+    }
+
+    /// A handle on `redis.url` with the `[redis]` TLS files.
+    pub fn from_config(cfg: &RedisConfig) -> Result<Self, ConfigError> {
+        Self::with_tls(
+            cfg.url.expose(),
+            &cfg.key_prefix,
+            &RedisTls::from_config(cfg)?,
+        )
+    }
+
+    pub fn with_tls(url: &str, prefix: &str, tls: &RedisTls) -> Result<Self, ConfigError> {
+        let (topology, uses_tls) = target::describe(url)?;
+        let target = target::build(url, tls)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 target,
+                shown_url: redact(url),
+                topology,
+                tls: uses_tls,
+                next_node: Default::default(),
                 manager: RwLock::new(None),
                 link: watch::Sender::new(Link::Idle),
                 connector: AtomicBool::new(false),
@@ -180,10 +150,84 @@ impl RedisHandle {
         })
     }
 
-    /// A client for the current master (with Sentinel: asked of the sentinels, within
-    /// [`CONNECT_TIMEOUT`]).
-    pub async fn client(&self) -> redis::RedisResult<redis::Client> {
-        self.shared.client().await
+    /// `redis.url` without its password.
+    pub fn shown_url(&self) -> &str {
+        &self.shared.shown_url
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.shared.topology
+    }
+
+    /// Whether connections use TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.shared.tls
+    }
+
+    /// A new subscriber connection: to the master (one node, Sentinel), or to any node of a
+    /// cluster (every node delivers every `PUBLISH`), trying them in turn.
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        match &self.shared.target {
+            Target::Cluster(_) => cluster::pubsub(self).await,
+            _ => {
+                let client = self.shared.node_client().await?;
+                tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+                    .await
+                    .unwrap_or_else(|_| Err(not_connected("subscribe timed out")))
+            }
+        }
+    }
+
+    /// The `host:port` of every TLS endpoint the service talks to: the node, Sentinel's current
+    /// master, or every node of a cluster (replicas included). Empty without TLS.
+    pub async fn tls_endpoints(&self) -> Vec<(String, u16)> {
+        if !self.shared.tls {
+            return Vec::new();
+        }
+        let client = match &self.shared.target {
+            Target::Cluster(_) => {
+                let mut nodes: Vec<(String, u16)> = Vec::new();
+                for range in self.cluster_slots().await.unwrap_or_default() {
+                    for node in std::iter::once(range.master).chain(range.replicas) {
+                        if !nodes.contains(&node) {
+                            nodes.push(node);
+                        }
+                    }
+                }
+                return nodes;
+            }
+            _ => match self.shared.node_client().await {
+                Ok(client) => client,
+                Err(_) => return Vec::new(),
+            },
+        };
+        match client.get_connection_info().addr() {
+            redis::ConnectionAddr::TcpTls { host, port, .. } => vec![(host.clone(), *port)],
+            _ => Vec::new(),
+        }
+    }
+
+    /// A new connection of its own for blocking commands: no response timeout (the caller
+    /// bounds its waits), never shared.
+    pub async fn reader(&self) -> redis::RedisResult<RedisConn> {
+        match &self.shared.target {
+            Target::Cluster(c) => {
+                tokio::time::timeout(CONNECT_TIMEOUT, c.reader.get_async_connection())
+                    .await
+                    .unwrap_or_else(|_| Err(not_connected("connect timed out")))
+                    .map(RedisConn::Cluster)
+            }
+            _ => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(None);
+                let client = self.shared.node_client().await?;
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map(RedisConn::Dedicated)
+            }
+        }
     }
 
     /// A cheap clone of the shared connection. Without one, this starts the connector if it is
@@ -193,7 +237,7 @@ impl RedisHandle {
     /// On a core runtime (`per_core`) the connection is that core's own once it exists (made in
     /// the background from the same target); until then, and whenever the shared connection is
     /// down or replaced, the shared one.
-    pub async fn conn(&self) -> redis::RedisResult<ConnectionManager> {
+    pub async fn conn(&self) -> redis::RedisResult<RedisConn> {
         if let Some(m) = self.shared.current() {
             let core = crate::per_core::current();
             if core > 0 {
@@ -219,8 +263,14 @@ impl RedisHandle {
             return Ok(m);
         }
         Err(match settled {
+            // The last attempt's error, naming the URL (without its password): a command-line
+            // tool prints it as it is.
             Ok(Ok(l)) => match &*l {
-                Link::Down(e) => e.clone(),
+                Link::Down(e) => RedisError::from((
+                    e.kind(),
+                    "Redis unreachable",
+                    format!("{}: {}", self.shared.shown_url, describe_error(e)),
+                )),
                 _ => not_connected("the connection was just dropped"),
             },
             Ok(Err(_)) => not_connected("the connector stopped"),
@@ -259,12 +309,12 @@ impl RedisHandle {
 
 #[async_trait::async_trait]
 impl provisioning::queue::RedisSource for RedisHandle {
-    async fn manager(&self) -> redis::RedisResult<ConnectionManager> {
+    async fn shared(&self) -> redis::RedisResult<RedisConn> {
         self.conn().await
     }
 
-    async fn client(&self) -> redis::RedisResult<redis::Client> {
-        RedisHandle::client(self).await
+    async fn reader(&self) -> redis::RedisResult<RedisConn> {
+        RedisHandle::reader(self).await
     }
 }
 
@@ -272,20 +322,28 @@ fn not_connected(detail: &str) -> RedisError {
     RedisError::from((ErrorKind::Io, "Redis is not connected", detail.to_owned()))
 }
 
+/// A Redis error with its causes (a TLS verdict is in the `io::Error` inside). Redis errors
+/// never carry the URL or its password.
+pub fn describe_error(e: &RedisError) -> String {
+    crate::tls::error_chain(e)
+}
+
 impl Shared {
-    fn current(&self) -> Option<ConnectionManager> {
+    fn current(&self) -> Option<RedisConn> {
         self.manager
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    fn set_manager(&self, manager: Option<ConnectionManager>) {
+    fn set_manager(&self, manager: Option<RedisConn>) {
         *self.manager.write().unwrap_or_else(|p| p.into_inner()) = manager;
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
 
-    async fn client(&self) -> redis::RedisResult<redis::Client> {
+    /// A client for the one node (with Sentinel: the master, asked of the sentinels within
+    /// [`CONNECT_TIMEOUT`]); not for a cluster.
+    async fn node_client(&self) -> redis::RedisResult<redis::Client> {
         match &self.target {
             Target::Direct(client) => Ok(client.clone()),
             Target::Sentinel(sentinel) => tokio::time::timeout(CONNECT_TIMEOUT, async {
@@ -293,22 +351,38 @@ impl Shared {
             })
             .await
             .unwrap_or_else(|_| Err(not_connected("the sentinels did not answer in time"))),
+            Target::Cluster(_) => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a cluster has no single node",
+            ))),
         }
     }
 
-    /// One attempt: the master's address (Sentinel) and a connection, within
-    /// [`CONNECT_TIMEOUT`] in all.
-    async fn connect_once(&self) -> redis::RedisResult<ConnectionManager> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(Duration::from_secs(3)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        tokio::time::timeout(CONNECT_TIMEOUT, async {
-            ConnectionManager::new_with_config(self.client().await?, config).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(not_connected("connect timed out")))
+    /// One attempt: the master's address (Sentinel) or the cluster's topology, and a
+    /// connection, within [`CONNECT_TIMEOUT`] in all.
+    async fn connect_once(&self) -> redis::RedisResult<RedisConn> {
+        let attempt = async {
+            match &self.target {
+                Target::Cluster(c) => c
+                    .shared
+                    .get_async_connection()
+                    .await
+                    .map(RedisConn::Cluster),
+                _ => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                        .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                        .set_number_of_retries(2)
+                        .set_max_delay(Duration::from_millis(500));
+                    ConnectionManager::new_with_config(self.node_client().await?, config)
+                        .await
+                        .map(RedisConn::Node)
+                }
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err(not_connected("connect timed out")))
     }
 }
 
@@ -344,9 +418,17 @@ async fn connector(weak: Weak<Shared>) {
             }
             Err(e) => {
                 if warned {
-                    tracing::debug!(error = %e, "Redis still unreachable");
+                    tracing::debug!(url = %shared.shown_url, error = %describe_error(&e), "Redis still unreachable");
+                } else if crate::tls::is_tls_failure(&e) {
+                    // Not an outage: the configuration does not fit the server's certificate.
+                    tracing::error!(
+                        url = %shared.shown_url,
+                        error = %describe_error(&e),
+                        "Redis TLS handshake failed: the server's certificate is not trusted or                          does not name the host (check redis.tls_ca_file and the host in                          redis.url); retrying in the background"
+                    );
+                    warned = true;
                 } else {
-                    tracing::warn!(error = %e, "Redis unreachable; retrying in the background");
+                    tracing::warn!(url = %shared.shown_url, error = %describe_error(&e), "Redis unreachable; retrying in the background");
                     warned = true;
                 }
                 shared.link.send_replace(Link::Down(e));
@@ -397,7 +479,7 @@ fn start_watchdog(shared: &Arc<Shared>) {
 
 /// This core's own connection if it is current; otherwise starts making one (on this core, so
 /// its driver runs here) and answers `None` meanwhile.
-fn core_conn(shared: &Arc<Shared>, core: usize) -> Option<ConnectionManager> {
+fn core_conn(shared: &Arc<Shared>, core: usize) -> Option<RedisConn> {
     let generation = shared.generation.load(Ordering::SeqCst);
     {
         let cores = shared.cores.read().unwrap_or_else(|p| p.into_inner());
