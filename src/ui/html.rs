@@ -7,7 +7,6 @@ use axum::{
     http::{header, HeaderValue},
     response::Response,
 };
-use http_body_util::{BodyExt, Limited};
 
 use super::REWRITE_CAP;
 
@@ -20,9 +19,7 @@ pub async fn rebase(res: Response, base: &str) -> Response {
     if !is_html || !res.status().is_success() {
         return res;
     }
-    let encoded = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|e| e.as_bytes() != b"identity");
+    let encoded = super::is_encoded(&res);
     let too_large = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
@@ -31,21 +28,17 @@ pub async fn rebase(res: Response, base: &str) -> Response {
         tracing::warn!(encoded, too_large, "LibreChat HTML page left as it is");
         return res;
     }
-    let (mut parts, body) = res.into_parts();
-    let Ok(collected) = Limited::new(body, REWRITE_CAP).collect().await else {
-        tracing::warn!("LibreChat HTML page unreadable or too large");
-        return axum::response::IntoResponse::into_response(
-            crate::error::ApiError::LibreChatUnavailable,
-        );
+    let (mut parts, page) = match super::read_rewritable(res).await {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::warn!("LibreChat HTML page unreadable or too large");
+            return axum::response::IntoResponse::into_response(e);
+        }
     };
-    let page = collected.to_bytes();
     let Ok(text) = std::str::from_utf8(&page) else {
         return Response::from_parts(parts, Body::from(page));
     };
     let rewritten = set_base_href(text, base);
-    for name in [header::CONTENT_LENGTH, header::ETAG, header::LAST_MODIFIED] {
-        parts.headers.remove(name);
-    }
     // The page names its own base: a cached copy must not outlive a change of mount path.
     parts
         .headers

@@ -37,9 +37,8 @@ use tower_sessions::Session;
 use crate::{
     config::UiConfig,
     credentials::KeyRing,
-    end_user::ClientInfo,
     error::ApiError,
-    proxy::{headers, path, As, Proxy},
+    proxy::{path, As, Proxy},
     session::{
         auth::end_session, authenticate, authenticate_cookie, Authenticated, CsrfRule, SessionData,
         UserInfo, DATA_KEY,
@@ -163,64 +162,35 @@ impl Ui {
         }
     }
 
-    /// The signed-in user's LibreChat user object (`GET /api/user`), renewing the token once
-    /// if LibreChat refuses it.
-    async fn librechat_user(
-        &self,
-        user: &UserInfo,
-        client: &ClientInfo,
-        request_id: &HeaderValue,
-    ) -> Result<Value, ApiError> {
-        let proxy = &self.proxy;
-        let mut token = proxy.token_for(user, client).await?;
-        for attempt in 0..2 {
-            let mut upstream_headers = HeaderMap::new();
-            headers::rewrite_request(
-                &mut upstream_headers,
-                Some(&token),
-                client,
-                request_id,
-                &proxy.upstream.csrf_header,
-            );
-            upstream_headers.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-            upstream_headers.insert(
-                header::ACCEPT_ENCODING,
-                HeaderValue::from_static("identity"),
-            );
-            let res = proxy
-                .upstream
-                .send(
-                    Method::GET,
-                    proxy.upstream.uri("user", None)?,
-                    upstream_headers,
-                    Body::empty(),
-                    None,
-                    &proxy.metrics,
-                )
-                .await?;
-            if res.status() == StatusCode::UNAUTHORIZED {
-                if attempt == 0 {
-                    token = proxy.tokens.replace(&user.id, &token, client).await?;
-                    continue;
-                }
-                proxy.tokens.renewal_refused(&user.id, &token);
-                return Err(ApiError::LibreChatUnauthorized);
-            }
-            if !res.status().is_success() {
-                tracing::warn!(status = %res.status(), "LibreChat GET /api/user failed");
-                return Err(ApiError::LibreChatUnavailable);
-            }
-            let bytes = Limited::new(res.into_body(), REWRITE_CAP)
-                .collect()
-                .await
-                .map_err(|_| ApiError::LibreChatUnavailable)?
-                .to_bytes();
-            return serde_json::from_slice(&bytes).map_err(|_| {
-                tracing::warn!("LibreChat GET /api/user answered no JSON");
-                ApiError::LibreChatUnavailable
-            });
+    /// The signed-in user's LibreChat user object: `GET /api/user` through [`Proxy::send`]
+    /// (token, header hygiene, one renewal after a 401), made from the UI request's head.
+    async fn librechat_user(&self, user: &UserInfo, parts: &Parts) -> Result<Value, ApiError> {
+        let mut head = parts.clone();
+        head.method = Method::GET;
+        for name in [
+            header::CONTENT_LENGTH,
+            header::CONTENT_TYPE,
+            header::TRANSFER_ENCODING,
+        ] {
+            head.headers.remove(name);
         }
-        Err(ApiError::LibreChatUnauthorized)
+        head.headers
+            .insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        identity_encoding(&mut head.headers);
+        let uri = self.proxy.upstream.uri("user", None)?;
+        let res = self
+            .proxy
+            .send(head, Body::empty(), uri, As::User(user))
+            .await?;
+        if !res.status().is_success() {
+            tracing::warn!(status = %res.status(), "LibreChat GET /api/user failed");
+            return Err(ApiError::LibreChatUnavailable);
+        }
+        let (_, bytes) = read_rewritable(res).await?;
+        serde_json::from_slice(&bytes).map_err(|_| {
+            tracing::warn!("LibreChat GET /api/user answered no JSON");
+            ApiError::LibreChatUnavailable
+        })
     }
 }
 
@@ -235,14 +205,12 @@ pub async fn refresh(State(ui): State<Arc<Ui>>, parts: Parts) -> Result<Response
         .as_ref()
         .map(|s| s.id.clone())
         .ok_or(ApiError::Internal)?;
-    let client = ui.proxy.auth.end_users.client_info_of(&parts)?;
-    let request_id = crate::telemetry::request_id(&parts.headers);
     // A first visit may find the LibreChat account still being created (just in time): wait
     // for it a little rather than fail the client's bootstrap, which would send it round
     // through the login pages.
     let deadline = tokio::time::Instant::now() + PROVISIONING_WAIT;
     let user = loop {
-        match ui.librechat_user(&authed.user, &client, &request_id).await {
+        match ui.librechat_user(&authed.user, &parts).await {
             Err(ApiError::ProvisioningPendingFor(_) | ApiError::ProvisioningPending)
                 if tokio::time::Instant::now() + PROVISIONING_POLL < deadline =>
             {
@@ -488,26 +456,37 @@ fn no_store(mut res: Response) -> Response {
 
 /// Applies `edit` to a successful JSON answer; any other answer passes unchanged.
 async fn rewrite_json(res: Response, edit: impl FnOnce(&mut Value)) -> Result<Response, ApiError> {
-    let is_json = crate::extract::is_json(res.headers());
-    let encoded = res
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|e| e.as_bytes() != b"identity");
-    if !res.status().is_success() || !is_json || encoded {
+    if !res.status().is_success() || !crate::extract::is_json(res.headers()) || is_encoded(&res) {
         return Ok(res);
     }
+    let (parts, bytes) = read_rewritable(res).await?;
+    let mut value: Value =
+        serde_json::from_slice(&bytes).map_err(|_| ApiError::LibreChatUnavailable)?;
+    edit(&mut value);
+    let bytes = serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?;
+    Ok(Response::from_parts(parts, Body::from(bytes)))
+}
+
+/// Whether LibreChat compressed the answer (then it cannot be rewritten).
+fn is_encoded(res: &Response) -> bool {
+    res.headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| e.as_bytes() != b"identity")
+}
+
+/// An answer the BFF will rewrite: its head without the validators and length of the original
+/// body, and that body, read up to [`REWRITE_CAP`].
+async fn read_rewritable(
+    res: Response,
+) -> Result<(axum::http::response::Parts, axum::body::Bytes), ApiError> {
     let (mut parts, body) = res.into_parts();
     let bytes = Limited::new(body, REWRITE_CAP)
         .collect()
         .await
         .map_err(|_| ApiError::LibreChatUnavailable)?
         .to_bytes();
-    let mut value: Value =
-        serde_json::from_slice(&bytes).map_err(|_| ApiError::LibreChatUnavailable)?;
-    edit(&mut value);
-    let bytes = serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?;
     for name in [header::CONTENT_LENGTH, header::ETAG, header::LAST_MODIFIED] {
         parts.headers.remove(name);
     }
-    Ok(Response::from_parts(parts, Body::from(bytes)))
+    Ok((parts, bytes))
 }
