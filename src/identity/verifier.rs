@@ -5,6 +5,11 @@
 //! or a JWKS URL (see [`JwksCache`]: cached for at most `jwks_max_age_secs`, refreshed in the
 //! background before that, refetched on an unknown `kid` at most once per
 //! `jwks_min_refetch_secs`; a key source that cannot be read is "unavailable", never "bad token").
+//!
+//! A token that verified is remembered ([`VerifiedTokens`]) until its `exp`, at most
+//! `VERIFIED_TTL`: a mobile app sends the same token on every call, and decoding and checking it
+//! again was a tenth of a proxied request's CPU (issue 12). Only the exact token string hits, so
+//! a tampered copy is decoded (and refused) like any other.
 
 use std::{
     collections::HashMap,
@@ -119,6 +124,7 @@ struct JwksState {
 }
 
 pub struct IdentityVerifier {
+    verified: VerifiedTokens,
     algorithms: Vec<Algorithm>,
     keys: KeySource,
     validation: Validation,
@@ -145,6 +151,63 @@ impl TokenTypeRule {
             None if !self.required => Ok(()),
             Some(Value::String(t)) if *t == self.expected => Ok(()),
             _ => Err(VerifyError::WrongTokenType(self.expected.clone())),
+        }
+    }
+}
+
+/// Tokens that verified, by their exact text, with what they said. Bounded in count; an entry is
+/// used only before its token's `exp` (without the leeway), for at most `VERIFIED_TTL`, and (JWKS)
+/// only while the key that verified it is still the key set's (see `IdentityVerifier::verify`).
+struct VerifiedTokens {
+    tokens: moka::sync::Cache<String, Arc<Verified>>,
+    misses: std::sync::atomic::AtomicU64,
+}
+
+struct Verified {
+    identity: VerifiedIdentity,
+    jwks_key: Option<UsedKey>,
+}
+
+/// The JWKS key a token verified with.
+struct UsedKey {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: Arc<DecodingKey>,
+}
+
+const VERIFIED_CAPACITY: u64 = 10_000;
+const VERIFIED_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl VerifiedTokens {
+    fn new() -> Self {
+        Self {
+            tokens: moka::sync::Cache::builder()
+                .max_capacity(VERIFIED_CAPACITY)
+                .time_to_live(VERIFIED_TTL)
+                .build(),
+            misses: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn get(&self, token: &str, now: i64) -> Option<Arc<Verified>> {
+        self.tokens
+            .get(token)
+            .filter(|hit| now < hit.identity.expires_at)
+    }
+
+    fn insert(
+        &self,
+        token: &str,
+        identity: &VerifiedIdentity,
+        jwks_key: Option<UsedKey>,
+        now: i64,
+    ) {
+        if now < identity.expires_at {
+            let entry = Verified {
+                identity: identity.clone(),
+                jwks_key,
+            };
+            self.tokens.insert(token.to_owned(), Arc::new(entry));
         }
     }
 }
@@ -244,6 +307,7 @@ impl IdentityVerifier {
             validation.required_spec_claims.insert("aud".into());
         }
         Ok(Self {
+            verified: VerifiedTokens::new(),
             algorithms,
             keys,
             validation,
@@ -267,6 +331,38 @@ impl IdentityVerifier {
         if token.len() > self.max_token_bytes {
             return Err(VerifyError::TooLarge(self.max_token_bytes));
         }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        if let Some(hit) = self.verified.get(token, now) {
+            // A JWKS key counts only while the key set still trusts it (max age, rotation).
+            let trusted = match (&self.keys, &hit.jwks_key) {
+                (KeySource::Static(_), None) => true,
+                (KeySource::Jwks(cache), Some(used)) => {
+                    JwksCache::key_for(cache, used.kid.as_deref(), used.alg)
+                        .await
+                        .is_ok_and(|key| Arc::ptr_eq(&key, &used.key))
+                }
+                _ => false,
+            };
+            if trusted {
+                return Ok(hit.identity.clone());
+            }
+        }
+        let (identity, jwks_key) = self.verify_uncached(token).await?;
+        self.verified.insert(token, &identity, jwks_key, now);
+        Ok(identity)
+    }
+
+    /// Full verifications done (the others were answered from [`VerifiedTokens`]).
+    pub fn decodes(&self) -> u64 {
+        self.verified.misses.load(Ordering::Relaxed)
+    }
+
+    /// Verifies `token` from scratch; also says which JWKS key verified it.
+    async fn verify_uncached(
+        &self,
+        token: &str,
+    ) -> Result<(VerifiedIdentity, Option<UsedKey>), VerifyError> {
+        self.verified.misses.fetch_add(1, Ordering::Relaxed);
         let header = decode_header(token).map_err(|_| VerifyError::Malformed)?;
         if !self.algorithms.contains(&header.alg) {
             return Err(VerifyError::AlgorithmNotAllowed(format!(
@@ -274,16 +370,24 @@ impl IdentityVerifier {
                 header.alg
             )));
         }
-        let claims = match &self.keys {
+        let (claims, used) = match &self.keys {
             KeySource::Unconfigured => return Err(VerifyError::NotConfigured),
-            KeySource::Static(key) => self.decode(token, key)?,
+            KeySource::Static(key) => (self.decode(token, key)?, None),
             KeySource::Jwks(cache) => {
                 let key = JwksCache::key_for(cache, header.kid.as_deref(), header.alg).await?;
-                self.decode(token, &key)?
+                let claims = self.decode(token, &key)?;
+                (
+                    claims,
+                    Some(UsedKey {
+                        kid: header.kid,
+                        alg: header.alg,
+                        key,
+                    }),
+                )
             }
         };
         self.token_type.check(&claims)?;
-        self.map_claims(&claims)
+        Ok((self.map_claims(&claims)?, used))
     }
 
     fn decode(&self, token: &str, key: &DecodingKey) -> Result<Map<String, Value>, VerifyError> {

@@ -120,6 +120,52 @@ async fn expired_tampered_and_unsigned_tokens_are_rejected() {
 }
 
 #[tokio::test]
+async fn a_token_is_decoded_once_then_remembered_but_a_tampered_copy_is_not() {
+    let idp = hs_idp(None, None).await;
+    let v = verifier(&hs_config(&idp, &[]));
+    let token = idp.mint_access(42, Duration::from_secs(300));
+    for _ in 0..50 {
+        assert_eq!(v.verify(&token).await.expect("valid").user_id, "42");
+    }
+    assert_eq!(
+        v.decodes(),
+        1,
+        "the same token verified 50 times is decoded once"
+    );
+
+    // Same header and payload, another signature: a different string, decoded and refused.
+    let (unsigned, _) = token.rsplit_once('.').expect("three parts");
+    let tampered = format!("{unsigned}.AAAA{}", &token[token.len() - 10..]);
+    for _ in 0..3 {
+        assert!(matches!(
+            v.verify(&tampered).await,
+            Err(VerifyError::BadSignature | VerifyError::Malformed)
+        ));
+    }
+    assert_eq!(v.decodes(), 4, "a refused token is never remembered");
+
+    let other = idp.mint_access(43, Duration::from_secs(300));
+    assert_eq!(v.verify(&other).await.expect("valid").user_id, "43");
+    assert_eq!(v.verify(&token).await.expect("still").user_id, "42");
+    assert_eq!(v.decodes(), 5);
+}
+
+#[tokio::test]
+async fn a_remembered_token_stops_verifying_at_its_exp() {
+    let idp = hs_idp(None, None).await;
+    let v = verifier(&hs_config(
+        &idp,
+        &[("BFF__IDENTITY__JWT__LEEWAY_SECS", "0".into())],
+    ));
+    let token = idp.mint_with_claims(json!({"user_id": "42", "exp": now() + 2}));
+    v.verify(&token).await.expect("valid for two seconds");
+    eventually(10, "the remembered token to expire", || async {
+        matches!(v.verify(&token).await, Err(VerifyError::Expired)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn not_yet_valid_tokens_are_rejected_beyond_leeway() {
     let idp = hs_idp(None, None).await;
     let v = verifier(&hs_config(
