@@ -110,7 +110,12 @@ impl AppState {
         let mut background = Vec::new();
         let store = match config.session.store {
             SessionStoreKind::Redis => {
-                BffSessionStore::Redis(RedisSessionStore::new(redis.clone()))
+                let store = RedisSessionStore::new(redis.clone());
+                // Sessions ended on any replica leave this one's copies within moments.
+                if runtime {
+                    background.push(store.follow_ended().abort_handle());
+                }
+                BffSessionStore::Redis(store)
             }
             SessionStoreKind::Memory => {
                 let store = MemorySessionStore::default();

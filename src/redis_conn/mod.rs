@@ -39,9 +39,11 @@ pub use provisioning::RedisConn;
 use crate::config::{ConfigError, RedisConfig};
 
 mod cluster;
+mod follow;
 pub mod target;
 
 pub use cluster::{ClusterHealth, SlotRange};
+pub use follow::{follow_channel, Gap};
 use target::Target;
 pub use target::{redact, RedisTls, Topology};
 

@@ -138,6 +138,27 @@ pub async fn authenticate_cookie(
         .get::<Session>()
         .cloned()
         .ok_or(ApiError::Internal)?;
+    let now = auth.clock.now().unix_timestamp();
+    // Warm: this process's copy says the session is live and nothing is due (see
+    // `session::cache`). Anything else reads the record.
+    let cache = auth.sessions.store().cache();
+    let id = session.id();
+    if let (Some(cache), Some(id)) = (cache, id) {
+        if let Some(data) = cache.get(&id).filter(|d| nothing_due(auth, d, now, slide)) {
+            match rule {
+                CsrfRule::Header => auth.csrf.check_cookie_request(parts)?,
+                CsrfRule::SameOrigin => auth.csrf.check_same_origin(parts)?,
+            }
+            return Ok(Authenticated {
+                user: data.user.clone(),
+                session: Some(CookieSession {
+                    id: id.to_string(),
+                    data: SessionData::clone(&data),
+                }),
+            });
+        }
+    }
+    let epoch = cache.map(|c| c.epoch());
     let data: Option<SessionData> = session
         .get(DATA_KEY)
         .await
@@ -146,7 +167,6 @@ pub async fn authenticate_cookie(
         return Err(ApiError::Unauthenticated);
     };
     let sid = session.id().map(|id| id.to_string()).unwrap_or_default();
-    let now = auth.clock.now().unix_timestamp();
     if now >= data.absolute_expires_at || now >= data.idle_expires_at {
         end_session(auth, &session, &data.user.id, &sid).await;
         return Err(ApiError::SessionEnded);
@@ -172,10 +192,23 @@ pub async fn authenticate_cookie(
     if changed {
         write_session(&session, &data).await?;
     }
+    if let (Some(cache), Some(id), Some(epoch)) = (cache, session.id(), epoch) {
+        cache.keep(id, &data, epoch);
+    }
     Ok(Authenticated {
         user: data.user.clone(),
         session: Some(CookieSession { id: sid, data }),
     })
+}
+
+/// Whether a session copy may serve as it is: live, its identity token not due for a refresh,
+/// and (with `slide`) its idle timer not due to be pushed forward.
+fn nothing_due(auth: &Authenticator, data: &SessionData, now: i64, slide: bool) -> bool {
+    let cfg = &auth.session_cfg;
+    now < data.absolute_expires_at
+        && now < data.idle_expires_at
+        && now + auth.refresh_skew_secs < data.identity_exp
+        && !(slide && now - data.last_slide_at >= cfg.slide_interval_secs as i64)
 }
 
 /// Stores the session data and pins the record's (and cookie's) expiry to the idle deadline,

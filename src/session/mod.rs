@@ -2,6 +2,7 @@
 //! request is authenticated (cookie session or Bearer identity JWT).
 
 pub mod auth;
+pub mod cache;
 pub mod csrf;
 pub mod registry;
 pub mod routes;

@@ -23,16 +23,37 @@ use tower_sessions::{
     SessionStore,
 };
 
+use super::cache::SessionCache;
 use crate::redis_conn::RedisHandle;
 
 #[derive(Debug, Clone)]
 pub struct RedisSessionStore {
     redis: RedisHandle,
+    /// Copies of live sessions; a deleted record's copy goes everywhere (see `delete`).
+    cache: SessionCache,
 }
 
 impl RedisSessionStore {
     pub fn new(redis: RedisHandle) -> Self {
-        Self { redis }
+        Self {
+            redis,
+            cache: SessionCache::new(),
+        }
+    }
+
+    pub fn cache(&self) -> &SessionCache {
+        &self.cache
+    }
+
+    /// The pub/sub channel of ended sessions (payload: the session id).
+    fn ended_channel(&self) -> String {
+        self.redis.key("sessions:ended")
+    }
+
+    /// Follows the sessions other replicas end (see [`SessionCache::follow_ended`]).
+    pub fn follow_ended(&self) -> tokio::task::JoinHandle<()> {
+        self.cache
+            .follow_ended(self.redis.clone(), self.ended_channel())
     }
 
     pub fn record_key(&self, id: &Id) -> String {
@@ -88,10 +109,19 @@ impl SessionStore for RedisSessionStore {
         Ok((record.expiry_date > OffsetDateTime::now_utc()).then_some(record))
     }
 
+    /// Deletes the record, then tells every replica to drop its copy.
     async fn delete(&self, id: &Id) -> session_store::Result<()> {
+        // This replica's copy goes first: a sign-out that fails below still ends it here.
+        self.cache.forget(Some(id));
         let mut conn = self.redis.conn().await.map_err(backend)?;
         redis::cmd("DEL")
             .arg(self.record_key(id))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(backend)?;
+        redis::cmd("PUBLISH")
+            .arg(self.ended_channel())
+            .arg(id.to_string())
             .query_async::<i64>(&mut conn)
             .await
             .map_err(backend)?;
@@ -188,6 +218,16 @@ impl SessionStore for MemorySessionStore {
 pub enum BffSessionStore {
     Memory(MemorySessionStore),
     Redis(RedisSessionStore),
+}
+
+impl BffSessionStore {
+    /// The in-process copies of sessions (Redis only: memory records are in process already).
+    pub fn cache(&self) -> Option<&SessionCache> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(s) => Some(s.cache()),
+        }
+    }
 }
 
 #[async_trait]

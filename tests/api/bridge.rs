@@ -12,6 +12,7 @@ use reqwest::{header, StatusCode};
 use serde_json::Value;
 use support::{
     fake_librechat::{CannedAnswer, FakeLibreChatOptions},
+    wait::eventually,
     world::{chat_body, get_json, http, World, BROWSER_UA, ID_PASSWORD},
 };
 
@@ -416,7 +417,16 @@ async fn redis_down_is_503_and_recovers() {
     assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
 
     w.redis.stop().await;
-    let res = browser.get("/api/chat/convos").await;
+    // The session's in-process copy is dropped the moment the BFF's subscription to ended
+    // sessions drops with Redis (src/session/cache.rs); from then on the record is read.
+    let res = eventually(5, "cookie requests to need Redis", || {
+        let mut browser = browser.clone();
+        async move {
+            let res = browser.get("/api/chat/convos").await;
+            (res.status != StatusCode::OK).then_some(res)
+        }
+    })
+    .await;
     assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.body["error"], "session_store_unavailable");
 
@@ -1287,4 +1297,89 @@ async fn the_token_cache_and_renewal_pauses_stay_bounded_after_100k_users() {
         held.renewal_pauses <= PAUSE_CAPACITY,
         "{held:?}: more pauses than the cap"
     );
+}
+
+/// `GET` commands Redis has run so far.
+async fn redis_gets(w: &World) -> u64 {
+    let mut conn = w
+        .redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("info");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_warm_cookie_session_reads_no_redis_and_ends_on_every_replica_at_once() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let a = w.bff(&[]).await;
+    let b = w.bff(&[]).await;
+    w.user(&a, 18).await;
+    let mut on_a = a.client();
+    assert_eq!(
+        on_a.login("user18", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let mut on_b = on_a.with_base(&b.base_url);
+    // The first request on each replica reads the record; the next ones read nothing.
+    assert_eq!(on_a.get("/api/chat/convos").await.status, StatusCode::OK);
+    assert_eq!(on_b.get("/api/chat/convos").await.status, StatusCode::OK);
+    let before = redis_gets(&w).await;
+    for _ in 0..10 {
+        assert_eq!(on_a.get("/api/chat/convos").await.status, StatusCode::OK);
+        assert_eq!(on_b.get("/api/chat/convos").await.status, StatusCode::OK);
+    }
+    assert_eq!(redis_gets(&w).await, before, "20 warm requests, no GET");
+
+    // Signed out on A: B, which holds a copy, refuses within moments.
+    let out = on_a.post("/auth/logout", serde_json::json!({})).await;
+    assert_eq!(out.status, StatusCode::OK, "{}", out.body);
+    let ended = Instant::now();
+    eventually(5, "replica B to drop the ended session", || {
+        let mut on_b = on_b.clone();
+        async move {
+            (on_b.get("/api/chat/convos").await.status == StatusCode::UNAUTHORIZED).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        ended.elapsed() < Duration::from_secs(1),
+        "B served for {:?}",
+        ended.elapsed()
+    );
+
+    // Revoked by an operator on A (the admin API's call): both replicas refuse.
+    let mut again = a.client();
+    assert_eq!(
+        again.login("user18", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let mut again_b = again.with_base(&b.base_url);
+    for _ in 0..2 {
+        assert_eq!(again_b.get("/api/chat/convos").await.status, StatusCode::OK);
+        assert_eq!(again.get("/api/chat/convos").await.status, StatusCode::OK);
+    }
+    assert_eq!(a.state.sessions.revoke_all("18").await.expect("revoke"), 1);
+    assert_eq!(
+        again.get("/api/chat/convos").await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    eventually(5, "replica B to drop the revoked session", || {
+        let mut again_b = again_b.clone();
+        async move {
+            (again_b.get("/api/chat/convos").await.status == StatusCode::UNAUTHORIZED).then_some(())
+        }
+    })
+    .await;
 }

@@ -135,11 +135,15 @@ async fn sessions_follow_the_master_through_a_sentinel_failover() {
     .await;
 
     master.stop().await;
+    // A new sign-in writes a session: only the promoted replica can take it.
     eventually(30, "the service to follow the promoted replica", || async {
-        let me = browser.clone().get("/auth/me").await;
-        (me.status == StatusCode::OK).then_some(())
+        let mut fresh = bff.client();
+        let login = fresh.login("alice", "correct horse battery staple").await;
+        let me = fresh.get("/auth/me").await;
+        (login.status == StatusCode::OK && me.status == StatusCode::OK).then_some(())
     })
     .await;
+    assert_eq!(browser.get("/auth/me").await.status, StatusCode::OK);
     let role = query(replica_port, &["ROLE"]).await.expect("role");
     assert!(format!("{role:?}").contains("master"), "{role:?}");
     // The job queue follows too.

@@ -14,7 +14,6 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
 use moka::{ops::compute::Op, sync::Cache};
 
 use super::UpstreamToken;
@@ -92,46 +91,20 @@ impl TokenCache {
     }
 
     /// Follows the revocations published on `channel` (see `LoginStore::publish_revocation`)
-    /// for as long as the task runs, resubscribing with back-off after any failure.
+    /// for as long as the task runs.
     pub(super) fn follow_revocations(
         &self,
         redis: RedisHandle,
         channel: String,
     ) -> tokio::task::JoinHandle<()> {
-        let cache = self.clone();
-        tokio::spawn(async move {
-            let mut pause = Duration::from_millis(200);
-            let mut warned = false;
-            loop {
-                let subscribed = async {
-                    // On a cluster: a connection to any one node (see redis_conn::cluster).
-                    let mut pubsub = redis.pubsub().await?;
-                    pubsub.subscribe(&channel).await?;
-                    Ok::<_, redis::RedisError>(pubsub)
-                }
-                .await;
-                match subscribed {
-                    Ok(pubsub) => {
-                        // Whatever was published before this subscription is unknown.
-                        cache.forget(None);
-                        pause = Duration::from_millis(200);
-                        warned = false;
-                        let mut messages = pubsub.into_on_message();
-                        while let Some(msg) = messages.next().await {
-                            let user: String = msg.get_payload().unwrap_or_default();
-                            cache.forget(Some(&user));
-                        }
-                    }
-                    Err(e) => {
-                        if !warned {
-                            tracing::warn!(error = %e, "cannot follow LibreChat login revocations; retrying");
-                            warned = true;
-                        }
-                    }
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(10));
-            }
-        })
+        let (gap, message) = (self.clone(), self.clone());
+        crate::redis_conn::follow_channel(
+            redis,
+            channel,
+            "LibreChat login revocations",
+            crate::redis_conn::Gap::AtResubscribe,
+            move || gap.forget(None),
+            move |user| message.forget(Some(&user)),
+        )
     }
 }

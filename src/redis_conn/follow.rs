@@ -1,0 +1,72 @@
+//! Following a pub/sub channel for as long as the process runs: how in-process caches learn what
+//! other replicas revoked (LibreChat logins, ended sessions).
+//!
+//! A subscription can drop (Redis restarts, failover, a cluster node leaving): whatever was
+//! published meanwhile is lost, so every (re)subscription first calls `on_gap`, which must drop
+//! everything the messages would have invalidated. With [`Gap::FromDisconnect`] it is also called
+//! the moment the subscription drops, so nothing is served from memory while a message could be
+//! missed.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use super::RedisHandle;
+
+/// When a follower's gap starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gap {
+    /// At the next subscription: copies keep serving while Redis is away.
+    AtResubscribe,
+    /// As soon as the subscription drops.
+    FromDisconnect,
+}
+
+/// Subscribes to `channel` (resubscribing with back-off after any failure) and hands every
+/// message's payload to `on_message`; `what` names the follower in the one warning it logs while
+/// Redis cannot be reached.
+pub fn follow_channel(
+    redis: RedisHandle,
+    channel: String,
+    what: &'static str,
+    gap: Gap,
+    on_gap: impl Fn() + Send + 'static,
+    on_message: impl Fn(String) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut pause = Duration::from_millis(200);
+        let mut warned = false;
+        loop {
+            let subscribed = async {
+                // On a cluster: a connection to any one node (see redis_conn::cluster).
+                let mut pubsub = redis.pubsub().await?;
+                pubsub.subscribe(&channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            }
+            .await;
+            match subscribed {
+                Ok(pubsub) => {
+                    // Whatever was published before this subscription is unknown.
+                    on_gap();
+                    pause = Duration::from_millis(200);
+                    warned = false;
+                    let mut messages = pubsub.into_on_message();
+                    while let Some(msg) = messages.next().await {
+                        on_message(msg.get_payload().unwrap_or_default());
+                    }
+                    if gap == Gap::FromDisconnect {
+                        on_gap();
+                    }
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "cannot follow {what}; retrying");
+                        warned = true;
+                    }
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(10));
+        }
+    })
+}
