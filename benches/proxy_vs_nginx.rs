@@ -7,7 +7,7 @@
 //!   `--connections` (8,64,256), `--rounds` times, the targets alternating within each round:
 //!   the upstream itself (nginx `return 200` with a LibreChat-like JSON: the limit), nginx
 //!   `proxy_pass` with a keep-alive upstream pool, the BFF with a cookie session in a real Redis
-//!   (one Redis GET per request on the warm path), and the BFF with a Bearer identity JWT. Per run:
+//!   (read once, then from the replica's in-process copy), and the BFF with a Bearer identity JWT. Per run:
 //!   req/s, p50/p99, the server's CPU per request (utime+stime of every thread, from
 //!   `/proc/PID/stat`) and its context switches per request (voluntary + involuntary, summed over
 //!   `/proc/PID/task/*/status`).
@@ -896,7 +896,7 @@ struct Target {
 
 const T_DIRECT: &str = "upstream direct (the limit)";
 const T_NGINX: &str = "nginx `proxy_pass`, keep-alive pool, no auth";
-const T_COOKIE: &str = "librechat-bff, cookie session (1 Redis GET)";
+const T_COOKIE: &str = "librechat-bff, cookie session (Redis store)";
 const T_BEARER: &str = "librechat-bff, Bearer identity JWT";
 
 async fn throughput(world: &World, report: &mut Report) {
