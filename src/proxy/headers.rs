@@ -72,8 +72,7 @@ pub fn rewrite_request(
     // the end user's address.
     headers.insert(
         HeaderName::from_static("x-forwarded-for"),
-        HeaderValue::from_str(&client.ip.to_string())
-            .unwrap_or(HeaderValue::from_static("127.0.0.1")),
+        ip_header(client.ip),
     );
     headers.insert(
         HeaderName::from_static("x-forwarded-proto"),
@@ -91,4 +90,36 @@ pub fn filter_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
     strip_hop_by_hop(headers);
     headers.remove(header::SET_COOKIE);
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+}
+
+/// An address as a header value, formatted on the stack (this runs on every proxied request).
+fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
+    use std::io::Write as _;
+    // The longest text of an IPv6 address is 45 bytes.
+    let mut buf = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let written = write!(cursor, "{ip}").map(|()| cursor.position() as usize);
+    written
+        .ok()
+        .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
+        .unwrap_or(HeaderValue::from_static("127.0.0.1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ip_header;
+
+    #[test]
+    fn addresses_of_every_length_become_header_values() {
+        for ip in [
+            "127.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+            "2001:db8:1234:5678:9abc:def0:1234:5678",
+        ] {
+            let addr: std::net::IpAddr = ip.parse().expect("address");
+            assert_eq!(ip_header(addr), addr.to_string().as_str(), "{ip}");
+        }
+    }
 }

@@ -1,8 +1,8 @@
 //! Who is calling: `Authorization: Bearer <identity JWT>` (mobile) or the session cookie (web).
 //!
-//! The warm cookie path reads the session record once (one Redis GET) and writes it back only
-//! when the idle timer is pushed forward (at most once per `slide_interval`) or the identity
-//! token was refreshed.
+//! The warm cookie path serves from this replica's copy of the session (`session::cache`, Redis
+//! store) or reads the record once (one Redis GET), and writes it back only when the idle timer
+//! is pushed forward (at most once per `slide_interval`) or the identity token was refreshed.
 
 use std::{sync::Arc, time::Duration};
 
@@ -59,7 +59,8 @@ pub struct Authenticated {
 #[derive(Debug, Clone)]
 pub struct CookieSession {
     pub id: String,
-    pub data: SessionData,
+    /// Shared with this replica's copy of the session (no clone on the warm path).
+    pub data: Arc<SessionData>,
 }
 
 /// Extractor: the authenticated caller, idle timer slid.
@@ -153,7 +154,7 @@ pub async fn authenticate_cookie(
                 user: data.user.clone(),
                 session: Some(CookieSession {
                     id: id.to_string(),
-                    data: SessionData::clone(&data),
+                    data,
                 }),
             });
         }
@@ -192,8 +193,9 @@ pub async fn authenticate_cookie(
     if changed {
         write_session(&session, &data).await?;
     }
+    let data = Arc::new(data);
     if let (Some(cache), Some(id), Some(epoch)) = (cache, session.id(), epoch) {
-        cache.keep(id, &data, epoch);
+        cache.keep(id, data.clone(), epoch);
     }
     Ok(Authenticated {
         user: data.user.clone(),

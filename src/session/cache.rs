@@ -65,9 +65,9 @@ impl SessionCache {
     }
 
     /// Keeps a copy of `data` unless a session ended since `epoch` was read.
-    pub fn keep(&self, id: Id, data: &SessionData, epoch: u64) {
+    pub fn keep(&self, id: Id, data: Arc<SessionData>, epoch: u64) {
         if self.epoch() == epoch {
-            self.sessions.insert(id, Arc::new(data.clone()));
+            self.sessions.insert(id, data);
         }
     }
 

@@ -249,7 +249,7 @@ pub async fn me(
 ) -> Result<Json<Value>, ApiError> {
     let slide = !matches!(query.slide.as_deref(), Some("false" | "0"));
     let Authenticated { user, session } = authenticate(&auth, &parts, slide).await?;
-    Ok(Json(me_body(&user, session.as_ref().map(|s| &s.data))))
+    Ok(Json(me_body(&user, session.as_ref().map(|s| &*s.data))))
 }
 
 fn me_body(user: &UserInfo, data: Option<&SessionData>) -> Value {
