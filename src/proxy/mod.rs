@@ -144,7 +144,7 @@ impl Proxy {
                     self.tokens.invalidate(&user.id, token.generation);
                     return Err(ApiError::LibreChatUnauthorized);
                 };
-                let renewed = self.tokens.replace(&user.id, token, &client).await?;
+                let renewed = Box::pin(self.tokens.replace(&user.id, token, &client)).await?;
                 upstream_headers.insert(header::AUTHORIZATION, renewed.authorization.clone());
                 res = self
                     .upstream
@@ -172,23 +172,26 @@ impl Proxy {
     ) -> Result<UpstreamToken, ApiError> {
         match self.tokens.token(&user.id, client).await {
             Ok(token) => Ok(token),
-            Err(e) => {
-                if matches!(
-                    e,
-                    TokenError::ProvisioningPending | TokenError::CredentialInvalid
-                ) {
-                    if let Err(pe) = self.provisioner.ensure(user, "login").await {
-                        tracing::warn!(user = %user.id, error = %pe, "cannot enqueue provisioning");
-                    }
-                }
-                if matches!(e, TokenError::ProvisioningPending) {
-                    return Err(ApiError::ProvisioningPendingFor(
-                        self.provisioner.retry_after(&user.id).await,
-                    ));
-                }
-                Err(e.into())
+            // Boxed: kept out of the warm path's future (see `TokenManager::token`).
+            Err(e) => Err(Box::pin(self.no_token(user, e)).await),
+        }
+    }
+
+    /// The answer when the user has no usable LibreChat token: a provisioning job is made sure
+    /// of when the account is missing or its password was refused.
+    async fn no_token(&self, user: &UserInfo, e: TokenError) -> ApiError {
+        if matches!(
+            e,
+            TokenError::ProvisioningPending | TokenError::CredentialInvalid
+        ) {
+            if let Err(pe) = self.provisioner.ensure(user, "login").await {
+                tracing::warn!(user = %user.id, error = %pe, "cannot enqueue provisioning");
             }
         }
+        if matches!(e, TokenError::ProvisioningPending) {
+            return ApiError::ProvisioningPendingFor(self.provisioner.retry_after(&user.id).await);
+        }
+        e.into()
     }
 }
 

@@ -159,6 +159,22 @@ pub async fn authenticate_cookie(
             });
         }
     }
+    // Boxed: the cold path's state (record load, refresh, write) stays out of the warm path's
+    // future, which every proxied request carries.
+    Box::pin(read_session(auth, parts, &session, slide, rule, now)).await
+}
+
+/// The cold cookie path: reads the record, ends it when it has expired, refreshes the identity
+/// token and slides the idle timer when due, and keeps a copy for the warm path.
+async fn read_session(
+    auth: &Arc<Authenticator>,
+    parts: &Parts,
+    session: &Session,
+    slide: bool,
+    rule: CsrfRule,
+    now: i64,
+) -> Result<Authenticated, ApiError> {
+    let cache = auth.sessions.store().cache();
     let epoch = cache.map(|c| c.epoch());
     let data: Option<SessionData> = session
         .get(DATA_KEY)
@@ -169,7 +185,7 @@ pub async fn authenticate_cookie(
     };
     let sid = session.id().map(|id| id.to_string()).unwrap_or_default();
     if now >= data.absolute_expires_at || now >= data.idle_expires_at {
-        end_session(auth, &session, &data.user.id, &sid).await;
+        end_session(auth, session, &data.user.id, &sid).await;
         return Err(ApiError::SessionEnded);
     }
     match rule {
@@ -181,7 +197,7 @@ pub async fn authenticate_cookie(
     let skew = auth.refresh_skew_secs;
     if now + skew >= data.identity_exp {
         let caller = auth.end_users.end_user_of(parts)?;
-        refresh_identity(auth, &caller, &session, &sid, &mut data, now).await?;
+        refresh_identity(auth, &caller, session, &sid, &mut data, now).await?;
         changed = true;
     }
     let cfg = &auth.session_cfg;
@@ -191,7 +207,7 @@ pub async fn authenticate_cookie(
         changed = true;
     }
     if changed {
-        write_session(&session, &data).await?;
+        write_session(session, &data).await?;
     }
     let data = Arc::new(data);
     if let (Some(cache), Some(id), Some(epoch)) = (cache, session.id(), epoch) {

@@ -144,9 +144,13 @@ impl TokenManager {
                 return Ok(t.clone());
             }
         }
-        self.renewal
-            .renew(user_id, client, Need::Fresh(seen.map(|t| t.generation)))
-            .await
+        // Boxed: the renewal's state (LibreChat calls, locks) would otherwise be carried, and
+        // moved, by every proxied request's future, though the warm path returns above.
+        Box::pin(
+            self.renewal
+                .renew(user_id, client, Need::Fresh(seen.map(|t| t.generation))),
+        )
+        .await
     }
 
     /// `Cookie: refreshToken=…; token_provider=librechat` of the user's current LibreChat login,
