@@ -17,9 +17,9 @@ use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
 pub use crate::startup::{AppState, StartupError};
 use crate::{
-    admin, error, probes, proxy,
+    admin, edge, error, probes, proxy,
     session::{self, csrf::CsrfPolicy, BffSessionStore},
-    telemetry, ui,
+    ui,
 };
 
 pub fn router(state: AppState) -> Router {
@@ -82,7 +82,7 @@ pub fn router(state: AppState) -> Router {
         .layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
         // Request id, log span, request metrics, and any error the BFF answers itself (axum's
         // rejections too) in the JSON problem shape: one layer for everything above.
-        .layer(telemetry::middleware::EdgeLayer::new(state.metrics.clone()))
+        .layer(edge::EdgeLayer::new(state.metrics.clone()))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(error::ApiError::Internal)
         }))
@@ -123,7 +123,7 @@ pub fn metrics_router(state: AppState) -> Router {
         .route("/metrics", get(probes::metrics))
         .fallback(error::not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::map_response(error::problem_shape))
+        .layer(middleware::map_response(edge::problem_shape))
         .with_state(state)
 }
 

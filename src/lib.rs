@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod doctor;
+pub mod edge;
 pub mod end_user;
 pub mod error;
 pub mod extract;

@@ -1,7 +1,6 @@
-//! Logs, request context and metrics.
+//! Logs, request context and metrics (the per-request layer that uses them: `crate::edge`).
 
 pub mod metrics;
-pub mod middleware;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use tracing_subscriber::{fmt, EnvFilter};

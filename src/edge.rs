@@ -1,7 +1,7 @@
 //! The edge of the main listener, in one layer: a request id (the client's `X-Request-Id` when
 //! sane, else a new one) on the request, the response and every log line of the request (a span),
 //! the request metrics, and the JSON problem shape of any error the BFF answers itself
-//! ([`crate::error::problem_shape`]). Latency is time to response headers, so streamed bodies
+//! ([`problem_shape`]). Latency is time to response headers, so streamed bodies
 //! don't distort it.
 //!
 //! Hand-written rather than axum's `from_fn` + `map_response`: each of those boxed a clone of the
@@ -20,11 +20,12 @@ use axum::{extract::Request, response::Response};
 use tower::{Layer, Service, ServiceExt};
 use tracing::Instrument;
 
-use crate::error::{problem_shape, ErrorCause};
-
-use super::{
-    metrics::{route_group, CodeLabels, Metrics, RequestLabels},
-    request_id, X_REQUEST_ID,
+use crate::{
+    error::{problem, ErrorCause},
+    telemetry::{
+        metrics::{route_group, CodeLabels, Metrics, RequestLabels},
+        request_id, X_REQUEST_ID,
+    },
 };
 
 /// Wraps a router in [`Edge`].
@@ -133,4 +134,75 @@ where
         None => tracing::info!(status, elapsed_ms, "request"),
     });
     res
+}
+
+/// Rewrites an error response the BFF produced without the JSON problem shape (axum's 405 has
+/// no body; its body-limit 413 and Query/Path rejections are plain text) into
+/// `{"error","message"}`, keeping status and headers (`Allow`, `Retry-After`, ...). LibreChat's
+/// own answers (marked [`crate::proxy::Proxied`]) pass as they are.
+pub async fn problem_shape(res: axum::response::Response) -> axum::response::Response {
+    let status = res.status();
+    let is_json = crate::extract::is_json(res.headers());
+    if status.as_u16() < 400 || is_json || res.extensions().get::<crate::proxy::Proxied>().is_some()
+    {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    // A client error's text (axum's rejection) says what was wrong; a server error's stays ours.
+    let detail = if status.is_client_error() {
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(body, 1024))
+            .await
+            .ok()
+            .and_then(|c| String::from_utf8(c.to_bytes().to_vec()).ok())
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+    } else {
+        None
+    };
+    let (code, generic) = problem_code(status);
+    let message = detail.unwrap_or_else(|| generic.to_owned());
+    let (shaped, body) = problem(status, code, &message).into_parts();
+    parts.extensions.insert(ErrorCause {
+        code,
+        cause: message,
+    });
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    for (name, value) in &shaped.headers {
+        parts.headers.insert(name.clone(), value.clone());
+    }
+    axum::response::Response::from_parts(parts, body)
+}
+
+/// Code and message for an error status the BFF produced without saying more.
+fn problem_code(status: axum::http::StatusCode) -> (&'static str, &'static str) {
+    match status.as_u16() {
+        400 => ("bad_request", "The request is not valid."),
+        401 => ("unauthenticated", "Sign in first."),
+        403 => ("forbidden", "This is not allowed."),
+        404 => ("not_found", "No such route."),
+        405 => (
+            "method_not_allowed",
+            "This route does not accept that method.",
+        ),
+        408 => ("request_timeout", "The request did not arrive in time."),
+        411 => ("length_required", "The request needs a Content-Length."),
+        413 => ("payload_too_large", "The request body is too large."),
+        414 => ("uri_too_long", "The request URI is too long."),
+        415 => (
+            "unsupported_media_type",
+            "The request body's Content-Type is not accepted.",
+        ),
+        422 => (
+            "unprocessable_entity",
+            "The request body could not be processed.",
+        ),
+        429 => ("too_many_requests", "Too many requests; retry later."),
+        431 => ("headers_too_large", "The request headers are too large."),
+        s if s < 500 => ("bad_request", "The request is not acceptable."),
+        503 => (
+            "service_unavailable",
+            "The service is unavailable; try again shortly.",
+        ),
+        _ => ("internal_error", "Something went wrong on our side."),
+    }
 }
