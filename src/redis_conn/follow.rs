@@ -2,9 +2,9 @@
 //! other replicas revoked (LibreChat logins, ended sessions).
 //!
 //! A subscription can drop (Redis restarts, failover, a cluster node leaving): whatever was
-//! published meanwhile is lost, so every (re)subscription first calls `on_gap`, which must drop
-//! everything the messages would have invalidated. With [`Gap::FromDisconnect`] it is also called
-//! the moment the subscription drops, so nothing is served from memory while a message could be
+//! published meanwhile is lost, so every (re)subscription first calls `on_gap(true)`, which must
+//! drop everything the messages would have invalidated. With [`Gap::FromDisconnect`] it is also called
+//! (`on_gap(false)`) the moment the subscription drops, so nothing is served from memory while a message could be
 //! missed.
 
 use std::time::Duration;
@@ -23,14 +23,14 @@ pub enum Gap {
 }
 
 /// Subscribes to `channel` (resubscribing with back-off after any failure) and hands every
-/// message's payload to `on_message`; `what` names the follower in the one warning it logs while
+/// message's payload to `on_message`; `on_gap` gets whether the channel is followed from now on; `what` names the follower in the one warning it logs while
 /// Redis cannot be reached.
 pub fn follow_channel(
     redis: RedisHandle,
     channel: String,
     what: &'static str,
     gap: Gap,
-    on_gap: impl Fn() + Send + 'static,
+    on_gap: impl Fn(bool) + Send + 'static,
     on_message: impl Fn(String) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -47,7 +47,7 @@ pub fn follow_channel(
             match subscribed {
                 Ok(pubsub) => {
                     // Whatever was published before this subscription is unknown.
-                    on_gap();
+                    on_gap(true);
                     pause = Duration::from_millis(200);
                     warned = false;
                     let mut messages = pubsub.into_on_message();
@@ -55,7 +55,7 @@ pub fn follow_channel(
                         on_message(msg.get_payload().unwrap_or_default());
                     }
                     if gap == Gap::FromDisconnect {
-                        on_gap();
+                        on_gap(false);
                     }
                 }
                 Err(e) => {

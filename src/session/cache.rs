@@ -10,13 +10,14 @@
 //!   publishes the id; every replica drops its copy when the message arrives
 //!   ([`SessionCache::follow_ended`]). When that subscription drops, every copy is dropped
 //!   (while Redis is away cookie requests read the record, and get 503 as before);
-//! - a copy read while an end was being published is not kept (an epoch, as in the token cache);
+//! - a copy read while an end was being published is not kept (an epoch, as in the token cache),
+//!   nor any copy while ends are not being followed (before the first subscription, after a drop);
 //! - bounded: `CAPACITY` sessions, each for at most `TTL` (user details changed by a refresh on
 //!   another replica are seen within that time).
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     time::Duration,
@@ -36,6 +37,8 @@ pub struct SessionCache {
     sessions: moka::sync::Cache<Id, Arc<SessionData>>,
     /// Bumped by every end seen: a copy read before it is not kept.
     ended: Arc<AtomicU64>,
+    /// Ends are being followed ([`Self::follow_ended`] is subscribed): copies are kept only then.
+    following: Arc<AtomicBool>,
 }
 
 impl Default for SessionCache {
@@ -52,6 +55,7 @@ impl SessionCache {
                 .time_to_live(TTL)
                 .build(),
             ended: Arc::new(AtomicU64::new(0)),
+            following: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -64,9 +68,10 @@ impl SessionCache {
         self.ended.load(Ordering::Acquire)
     }
 
-    /// Keeps a copy of `data` unless a session ended since `epoch` was read.
+    /// Keeps a copy of `data` unless a session ended since `epoch` was read, or ends are not
+    /// being followed (before the first subscription, after it dropped).
     pub fn keep(&self, id: Id, data: Arc<SessionData>, epoch: u64) {
-        if self.epoch() == epoch {
+        if self.following.load(Ordering::Acquire) && self.epoch() == epoch {
             self.sessions.insert(id, data);
         }
     }
@@ -89,7 +94,10 @@ impl SessionCache {
             "ended sessions",
             // Nobody can end a session without Redis, but a copy must not outlive a missed end.
             crate::redis_conn::Gap::FromDisconnect,
-            move || gap.forget(None),
+            move |following| {
+                gap.following.store(following, Ordering::Release);
+                gap.forget(None);
+            },
             move |sid| match sid.parse::<Id>() {
                 Ok(id) => message.forget(Some(&id)),
                 // Not an id: whatever it was meant to end, end everything.

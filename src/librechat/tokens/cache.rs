@@ -103,7 +103,7 @@ impl TokenCache {
             channel,
             "LibreChat login revocations",
             crate::redis_conn::Gap::AtResubscribe,
-            move || gap.forget(None),
+            move |_| gap.forget(None),
             move |user| message.forget(Some(&user)),
         )
     }
