@@ -1,8 +1,7 @@
 //! The edge of the main listener, in one layer: a request id (the client's `X-Request-Id` when
 //! sane, else a new one) on the request, the response and every log line of the request (a span),
 //! the request metrics, and the JSON problem shape of any error the BFF answers itself
-//! ([`problem_shape`]). Latency is time to response headers, so streamed bodies
-//! don't distort it.
+//! ([`problem_shape`]). Latency is time to response headers, so streamed bodies don't distort it.
 //!
 //! Hand-written rather than axum's `from_fn` + `map_response`: each of those boxed a clone of the
 //! whole stack below it on every request (issue 12).
@@ -94,7 +93,7 @@ where
         route_group = group,
     );
     let started = Instant::now();
-    let res = async {
+    let mut res = async {
         match inner.oneshot(req).await {
             Ok(res) => problem_shape(res).await,
             Err(never) => match never {},
@@ -102,7 +101,6 @@ where
     }
     .instrument(span.clone())
     .await;
-    let mut res = res;
     let elapsed = started.elapsed();
     let status = res.status().as_u16();
     res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);

@@ -1,11 +1,11 @@
 //! Following a pub/sub channel for as long as the process runs: how in-process caches learn what
 //! other replicas revoked (LibreChat logins, ended sessions).
 //!
-//! A subscription can drop (Redis restarts, failover, a cluster node leaving): whatever was
-//! published meanwhile is lost, so every (re)subscription first calls `on_gap(true)`, which must
-//! drop everything the messages would have invalidated. With [`Gap::FromDisconnect`] it is also called
-//! (`on_gap(false)`) the moment the subscription drops, so nothing is served from memory while a message could be
-//! missed.
+//! A subscription can drop (Redis restarts, failover, a cluster node leaving): whatever is
+//! published while it is down is lost. So the follower says when it starts following
+//! (`on_gap(true)`, at every (re)subscription: drop everything the missed messages would have
+//! invalidated) and when it stops (`on_gap(false)`, the moment the subscription drops: a cache
+//! that must not serve while a message could be missed drops everything then too).
 
 use std::time::Duration;
 
@@ -13,23 +13,13 @@ use futures_util::StreamExt;
 
 use super::RedisHandle;
 
-/// When a follower's gap starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Gap {
-    /// At the next subscription: copies keep serving while Redis is away.
-    AtResubscribe,
-    /// As soon as the subscription drops.
-    FromDisconnect,
-}
-
 /// Subscribes to `channel` (resubscribing with back-off after any failure) and hands every
-/// message's payload to `on_message`; `on_gap` gets whether the channel is followed from now on; `what` names the follower in the one warning it logs while
-/// Redis cannot be reached.
+/// message's payload to `on_message`; `on_gap` gets whether the channel is followed from now on;
+/// `what` names the follower in the one warning it logs while Redis cannot be reached.
 pub fn follow_channel(
     redis: RedisHandle,
     channel: String,
     what: &'static str,
-    gap: Gap,
     on_gap: impl Fn(bool) + Send + 'static,
     on_message: impl Fn(String) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
@@ -54,9 +44,7 @@ pub fn follow_channel(
                     while let Some(msg) = messages.next().await {
                         on_message(msg.get_payload().unwrap_or_default());
                     }
-                    if gap == Gap::FromDisconnect {
-                        on_gap(false);
-                    }
+                    on_gap(false);
                 }
                 Err(e) => {
                     if !warned {

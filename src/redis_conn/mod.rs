@@ -43,7 +43,7 @@ mod follow;
 pub mod target;
 
 pub use cluster::{ClusterHealth, SlotRange};
-pub use follow::{follow_channel, Gap};
+pub use follow::follow_channel;
 use target::Target;
 pub use target::{redact, RedisTls, Topology};
 

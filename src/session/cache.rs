@@ -92,8 +92,8 @@ impl SessionCache {
             redis,
             channel,
             "ended sessions",
-            // Nobody can end a session without Redis, but a copy must not outlive a missed end.
-            crate::redis_conn::Gap::FromDisconnect,
+            // Dropped both when following starts and when it stops: a copy must not outlive a
+            // missed end.
             move |following| {
                 gap.following.store(following, Ordering::Release);
                 gap.forget(None);

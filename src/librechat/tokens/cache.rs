@@ -102,8 +102,13 @@ impl TokenCache {
             redis,
             channel,
             "LibreChat login revocations",
-            crate::redis_conn::Gap::AtResubscribe,
-            move |_| gap.forget(None),
+            // A dropped subscription keeps the tokens serving (a revocation needs Redis too);
+            // the next subscription drops them, as anything may have been missed meanwhile.
+            move |following| {
+                if following {
+                    gap.forget(None)
+                }
+            },
             move |user| message.forget(Some(&user)),
         )
     }
