@@ -1,26 +1,56 @@
-//! The router: read top to bottom to see where a request goes. Routes are grouped by who calls
-//! them; the layers below the routes run outermost-last (the list reads inside out).
+//! Where a request goes: [`app`] lists the layers every request passes and the warm lane of
+//! `/api/chat/*`; [`router`] below it, read top to bottom, has every route. Routes are grouped by
+//! who calls them.
 
 use std::time::Duration;
 
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
     middleware,
+    response::{IntoResponse, Response},
     routing::{any, delete, get, post},
     Router,
 };
+use tower::ServiceBuilder;
 use tower_http::{
-    catch_panic::CatchPanicLayer,
-    cors::{AllowOrigin, CorsLayer},
+    catch_panic::{CatchPanic, CatchPanicLayer},
+    cors::{AllowOrigin, Cors, CorsLayer},
 };
 use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
 pub use crate::startup::{AppState, StartupError};
 use crate::{
-    admin, edge, error, probes, proxy,
+    admin, edge, error, probes,
+    proxy::{
+        self,
+        lane::{ChatLane, ChatLaneLayer},
+    },
     session::{self, csrf::CsrfPolicy, BffSessionStore},
     ui,
 };
+
+/// The main listener's service. Outside in: panics become a JSON 500; the edge (request id, log
+/// span, metrics, JSON problem shape); CORS; the warm lane of `/api/chat/*` (src/proxy/lane.rs:
+/// callers known without a session read are forwarded from there, everyone else continues); the
+/// router below.
+pub fn app(state: AppState) -> App {
+    let lane = ChatLaneLayer::new(state.proxy.clone(), &state.config.cookie_name());
+    ServiceBuilder::new()
+        .layer(CatchPanicLayer::custom(panicked as PanicHandler))
+        .layer(edge::EdgeLayer::new(state.metrics.clone()))
+        .layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
+        .layer(lane)
+        .service(router(state))
+}
+
+/// The service [`app`] builds (what `serve` runs on the main listener).
+pub type App = CatchPanic<edge::Edge<Cors<ChatLane<Router>>>, PanicHandler>;
+
+type PanicHandler = fn(Box<dyn std::any::Any + Send>) -> Response;
+
+fn panicked(_: Box<dyn std::any::Any + Send>) -> Response {
+    error::ApiError::Internal.into_response()
+}
 
 pub fn router(state: AppState) -> Router {
     // Serving: a request never waits for Redis to connect (503 meanwhile).
@@ -79,13 +109,6 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Cookie sessions (loaded lazily: only routes that read the session touch the store).
         .layer(session_layer(&state))
-        .layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
-        // Request id, log span, request metrics, and any error the BFF answers itself (axum's
-        // rejections too) in the JSON problem shape: one layer for everything above.
-        .layer(edge::EdgeLayer::new(state.metrics.clone()))
-        .layer(CatchPanicLayer::custom(|_| {
-            axum::response::IntoResponse::into_response(error::ApiError::Internal)
-        }))
         .with_state(state)
 }
 

@@ -1,9 +1,16 @@
 //! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain. The HTTP server is a
 //! hand-written accept loop over hyper (header read timeout, connection cap, TCP_NODELAY).
 
-use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration,
+};
 
-use axum::{body::Body, extract::ConnectInfo, Router};
+use axum::{
+    body::{Body, Bytes},
+    extract::ConnectInfo,
+    http::{Request, Response},
+};
+use http_body::Body as HttpBody;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
@@ -11,10 +18,10 @@ use tokio::{
     sync::{watch, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 
 use crate::{
-    app::{router, AppState, StartupError},
+    app::{app, AppState, StartupError},
     config::{Config, ServerConfig, SessionStoreKind},
     per_core::{self, CoreRuntimes},
 };
@@ -113,6 +120,27 @@ async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
+/// What a listener serves: a tower service answering every request (errors are responses).
+pub trait HttpService<B>:
+    Service<Request<Body>, Response = Response<B>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Connection hygiene of a listener (`[server]`).
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -149,7 +177,7 @@ where
             None
         }
     };
-    serve_router(listener, router(state), limits, cores.as_ref(), shutdown).await;
+    serve_router(listener, app(state), limits, cores.as_ref(), shutdown).await;
 }
 
 /// Accept loop over hyper's HTTP/1 server:
@@ -162,13 +190,16 @@ where
 /// - when `shutdown` resolves the listener is closed at once (new connections are refused), idle
 ///   connections close, in-flight requests and streams may finish for `drain_timeout`; whatever
 ///   is still open then is cut.
-pub async fn serve_router<F>(
+pub async fn serve_router<A, B, F>(
     listener: TcpListener,
-    app: Router,
+    app: A,
     limits: ConnectionLimits,
     cores: Option<&CoreRuntimes>,
     shutdown: F,
 ) where
+    A: HttpService<B>,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
     F: Future<Output = ()> + Send,
 {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -270,16 +301,21 @@ fn is_per_connection(e: &std::io::Error) -> bool {
 
 /// One accepted HTTP/1 connection; `_slot` is its place under `max_connections`, freed when it
 /// ends.
-struct Connection {
+struct Connection<A> {
     peer: SocketAddr,
-    app: Router,
+    app: A,
     header_read_timeout: Duration,
     stopping: watch::Receiver<bool>,
     _slot: OwnedSemaphorePermit,
 }
 
-impl Connection {
-    async fn serve(self, stream: TcpStream) {
+impl<A> Connection<A> {
+    async fn serve<B>(self, stream: TcpStream)
+    where
+        A: HttpService<B>,
+        B: HttpBody<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
         let Connection {
             peer,
             app,

@@ -6,6 +6,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod lane;
 pub mod path;
 pub mod upstream;
 

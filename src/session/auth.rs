@@ -11,7 +11,7 @@ use axum::{
     http::{header, request::Parts},
 };
 use time::OffsetDateTime;
-use tower_sessions::{Expiry, Session};
+use tower_sessions::{session::Id, Expiry, Session};
 
 use super::{
     csrf::CsrfPolicy,
@@ -142,26 +142,79 @@ pub async fn authenticate_cookie(
     let now = auth.clock.now().unix_timestamp();
     // Warm: this process's copy says the session is live and nothing is due (see
     // `session::cache`). Anything else reads the record.
-    let cache = auth.sessions.store().cache();
-    let id = session.id();
-    if let (Some(cache), Some(id)) = (cache, id) {
-        if let Some(data) = cache.get(&id).filter(|d| nothing_due(auth, d, now, slide)) {
-            match rule {
-                CsrfRule::Header => auth.csrf.check_cookie_request(parts)?,
-                CsrfRule::SameOrigin => auth.csrf.check_same_origin(parts)?,
-            }
-            return Ok(Authenticated {
-                user: data.user.clone(),
-                session: Some(CookieSession {
-                    id: id.to_string(),
-                    data,
-                }),
-            });
+    if let Some(id) = session.id() {
+        if let Some(served) = served_from_copy(auth, parts, &id, slide, rule, now) {
+            return served;
         }
     }
     // Boxed: the cold path's state (record load, refresh, write) stays out of the warm path's
     // future, which every proxied request carries.
     Box::pin(read_session(auth, parts, &session, slide, rule, now)).await
+}
+
+/// The cookie path without tower-sessions' layer (the proxy's warm lane, `proxy::lane`): the
+/// caller when the session cookie is unambiguous — exactly one cookie of that name, a plain id,
+/// nothing percent-encoded, within `session.max_cookie_bytes` — and this replica's copy serves
+/// as it is (idle timer slid). `None`: anything else, which goes through the session layer
+/// (where tower-sessions reads the cookie) and [`authenticate_cookie`].
+pub fn authenticate_from_copy(
+    auth: &Authenticator,
+    parts: &Parts,
+    cookie_name: &str,
+    rule: CsrfRule,
+) -> Option<Result<Authenticated, ApiError>> {
+    auth.sessions.store().cache()?;
+    let id = plain_session_id(parts, cookie_name, auth.session_cfg.max_cookie_bytes)?;
+    let now = auth.clock.now().unix_timestamp();
+    served_from_copy(auth, parts, &id, true, rule, now)
+}
+
+/// The session id of the one cookie named `name`, when reading it needs no judgement.
+fn plain_session_id(parts: &Parts, name: &str, max_bytes: usize) -> Option<Id> {
+    let mut total = 0;
+    let mut found = None;
+    for value in parts.headers.get_all(header::COOKIE) {
+        total += value.len();
+        // Percent-encoded names or values are decoded by tower-cookies: left to it.
+        let value = value.to_str().ok().filter(|v| !v.contains('%'))?;
+        if total > max_bytes {
+            return None;
+        }
+        for cookie in cookie::Cookie::split_parse(value).flatten() {
+            if cookie.name() == name {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(cookie.value().parse::<Id>().ok()?);
+            }
+        }
+    }
+    found
+}
+
+/// The caller from this replica's copy of session `id`, when the copy says it is live and
+/// nothing is due; `None` sends the request to the record.
+fn served_from_copy(
+    auth: &Authenticator,
+    parts: &Parts,
+    id: &Id,
+    slide: bool,
+    rule: CsrfRule,
+    now: i64,
+) -> Option<Result<Authenticated, ApiError>> {
+    let cache = auth.sessions.store().cache()?;
+    let data = cache.get(id).filter(|d| nothing_due(auth, d, now, slide))?;
+    let checked = match rule {
+        CsrfRule::Header => auth.csrf.check_cookie_request(parts),
+        CsrfRule::SameOrigin => auth.csrf.check_same_origin(parts),
+    };
+    Some(checked.map(|()| Authenticated {
+        user: data.user.clone(),
+        session: Some(CookieSession {
+            id: id.to_string(),
+            data,
+        }),
+    }))
 }
 
 /// The cold cookie path: reads the record, ends it when it has expired, refreshes the identity

@@ -11,7 +11,8 @@ pub mod store;
 use serde::{Deserialize, Serialize};
 
 pub use auth::{
-    authenticate, authenticate_cookie, Authenticated, Authenticator, CsrfRule, CurrentUser,
+    authenticate, authenticate_cookie, authenticate_from_copy, Authenticated, Authenticator,
+    CsrfRule, CurrentUser,
 };
 pub use registry::SessionRegistry;
 pub use store::{BffSessionStore, RedisSessionStore};

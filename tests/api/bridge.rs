@@ -1383,3 +1383,106 @@ async fn a_warm_cookie_session_reads_no_redis_and_ends_on_every_replica_at_once(
     })
     .await;
 }
+
+/// The warm lane (src/proxy/lane.rs) takes a cookie only when reading it needs no judgement;
+/// every other shape reaches tower-sessions, which reads the *last* cookie of a name and decodes
+/// percent-encoding. Whichever way a request goes, the answer is the router's.
+#[tokio::test]
+async fn the_chat_lane_reads_session_cookies_exactly_as_the_session_layer_does() {
+    let w = World::new(FakeLibreChatOptions::default()).await;
+    let bff = w.bff(&[]).await;
+    w.user(&bff, 19).await;
+    let mut browser = bff.client();
+    assert_eq!(
+        browser.login("user19", ID_PASSWORD).await.status,
+        StatusCode::OK
+    );
+    let real = browser.cookie.clone().expect("session cookie");
+    let (name, id) = real.split_once('=').expect("name=value");
+    // Warm: the replica now holds a copy of the session.
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+
+    // A well-formed id of no session.
+    let unknown = "AAAAAAAAAAAAAAAAAAAAAA";
+    let shapes = [
+        // The last cookie of the name counts: an unknown id after the real one is refused...
+        (
+            format!("{real}; {name}={unknown}"),
+            StatusCode::UNAUTHORIZED,
+        ),
+        // ...and the real one after an unknown one serves.
+        (format!("{name}={unknown}; {real}"), StatusCode::OK),
+        // Two Cookie headers' worth in one, with spaces and empty pieces.
+        (format!(" ; other=1;  {real} ;"), StatusCode::OK),
+        // Percent-encoded: decoded by tower-cookies, the same session.
+        (
+            format!("{name}=%{:02X}{}", id.as_bytes()[0], &id[1..]),
+            StatusCode::OK,
+        ),
+        // Not an id at all.
+        (format!("{name}=not-an-id"), StatusCode::UNAUTHORIZED),
+        (format!("{name}="), StatusCode::UNAUTHORIZED),
+    ];
+    for (cookie, expected) in shapes {
+        let mut client = browser.clone();
+        client.cookie = Some(cookie.clone());
+        let res = client.get("/api/chat/convos").await;
+        assert_eq!(res.status, expected, "Cookie: {cookie}: {}", res.body);
+        if expected != StatusCode::OK {
+            assert_eq!(res.body["error"], "unauthenticated", "{cookie}");
+        }
+        assert!(
+            res.headers.contains_key("x-request-id"),
+            "the edge sees every request"
+        );
+    }
+    // None of that ended or changed the real session.
+    assert_eq!(browser.get("/api/chat/convos").await.status, StatusCode::OK);
+
+    // A warm cookie still needs the CSRF header for a change.
+    let mut no_csrf = browser.clone();
+    no_csrf.csrf = false;
+    let res = no_csrf
+        .post("/api/chat/convos/update", serde_json::json!({}))
+        .await;
+    assert_eq!(res.status, StatusCode::FORBIDDEN, "{}", res.body);
+    assert_eq!(res.body["error"], "csrf_rejected");
+    let chats_before = w.lc.calls_to("/api/convos/update");
+    assert_eq!(chats_before, 0, "refused before LibreChat");
+
+    // What the lane leaves to the router gets the router's answers.
+    let res = browser
+        .send(reqwest::Method::TRACE, "/api/chat/convos", None, None)
+        .await;
+    assert_eq!(res.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(res.headers.contains_key(header::ALLOW));
+    for (path, status) in [
+        ("/api/chat/", StatusCode::NOT_FOUND),
+        ("/api/chat/auth/login", StatusCode::NOT_FOUND),
+        ("/api/chat//convos", StatusCode::BAD_REQUEST),
+        ("/api/chat/convos%2F..%2Fkeys", StatusCode::BAD_REQUEST),
+    ] {
+        let res = browser.get(path).await;
+        assert_eq!(res.status, status, "{path}");
+        assert!(res.body["error"].is_string(), "{path}: {}", res.body);
+    }
+
+    // Bearer: the same user, no cookie.
+    let token = w.idp.mint_access(19, Duration::from_secs(300));
+    let mut mobile = bff.client();
+    mobile.csrf = false;
+    let res = mobile
+        .send(reqwest::Method::GET, "/api/chat/convos", None, Some(&token))
+        .await;
+    assert_eq!(res.status, StatusCode::OK, "{}", res.body);
+    let res = mobile
+        .send(
+            reqwest::Method::GET,
+            "/api/chat/convos",
+            None,
+            Some("not.a.jwt"),
+        )
+        .await;
+    assert_eq!(res.status, StatusCode::UNAUTHORIZED);
+}
