@@ -16,7 +16,7 @@ use std::{
 };
 
 use axum::{extract::Request, response::Response};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{
@@ -58,7 +58,7 @@ pub struct Edge<S> {
 
 impl<S> Service<Request> for Edge<S>
 where
-    S: Service<Request, Response = Response, Error = Infallible> + Clone + Send + 'static,
+    S: Service<Request, Response = Response, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response;
@@ -69,38 +69,44 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request) -> Self::Future {
-        // The service that was polled ready serves this request; the clone waits for the next.
-        let ready = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, ready);
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let request_id = request_id(req.headers());
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), request_id.clone());
+        let group = route_group(req.uri().path());
+        let span = tracing::info_span!(
+            "request",
+            request_id = request_id.to_str().unwrap_or_default(),
+            method = %req.method(),
+            route_group = group,
+        );
+        let started = Instant::now();
+        // The service that was polled ready takes the request here (no clone of the stack below).
+        let answer = span.in_scope(|| self.inner.call(req));
         let metrics = self.metrics.clone();
-        Box::pin(async move { Ok(observe(&metrics, req, inner).await) })
+        Box::pin(async move {
+            let res = async {
+                match answer.await {
+                    Ok(res) => problem_shape(res).await,
+                    Err(never) => match never {},
+                }
+            }
+            .instrument(span.clone())
+            .await;
+            Ok(observed(&metrics, res, request_id, group, started, &span))
+        })
     }
 }
 
-async fn observe<S>(metrics: &Metrics, mut req: Request, inner: S) -> Response
-where
-    S: Service<Request, Response = Response, Error = Infallible>,
-{
-    let request_id = request_id(req.headers());
-    req.headers_mut()
-        .insert(X_REQUEST_ID.clone(), request_id.clone());
-    let group = route_group(req.uri().path());
-    let span = tracing::info_span!(
-        "request",
-        request_id = request_id.to_str().unwrap_or_default(),
-        method = %req.method(),
-        route_group = group,
-    );
-    let started = Instant::now();
-    let mut res = async {
-        match inner.oneshot(req).await {
-            Ok(res) => problem_shape(res).await,
-            Err(never) => match never {},
-        }
-    }
-    .instrument(span.clone())
-    .await;
+/// The response's request id, metrics and log line.
+fn observed(
+    metrics: &Metrics,
+    mut res: Response,
+    request_id: axum::http::HeaderValue,
+    group: &'static str,
+    started: Instant,
+    span: &tracing::Span,
+) -> Response {
     let elapsed = started.elapsed();
     let status = res.status().as_u16();
     res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
@@ -140,8 +146,9 @@ where
 /// own answers (marked [`crate::proxy::Proxied`]) pass as they are.
 pub async fn problem_shape(res: axum::response::Response) -> axum::response::Response {
     let status = res.status();
-    let is_json = crate::extract::is_json(res.headers());
-    if status.as_u16() < 400 || is_json || res.extensions().get::<crate::proxy::Proxied>().is_some()
+    if status.as_u16() < 400
+        || res.extensions().get::<crate::proxy::Proxied>().is_some()
+        || crate::extract::is_json(res.headers())
     {
         return res;
     }

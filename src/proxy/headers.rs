@@ -30,18 +30,42 @@ static CLIENT_ONLY: [HeaderName; 9] = [
     header::REFERER,
 ];
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in `Connection` are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+/// Removes every header `doomed` picks, plus the headers named in `Connection` (hop-by-hop
+/// too). One pass over the names present, then removals of only those: a request carries a
+/// handful of headers, and this runs twice per proxied request.
+fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    // The names to remove; on the stack for the usual few (no allocation per request).
+    let mut few: [Option<HeaderName>; 8] = Default::default();
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut found = 0;
+    let mut connection = false;
+    for name in headers.keys() {
+        if doomed(name) {
+            connection |= name == header::CONNECTION;
+            match few.get_mut(found) {
+                Some(slot) => *slot = Some(name.clone()),
+                None => more.push(name.clone()),
+            }
+            found += 1;
+        }
+    }
+    if connection {
+        more.extend(
+            headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
+        );
+    }
+    for name in few.iter().flatten().chain(&more) {
         headers.remove(name);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
 }
 
 /// Rewrites the client's request headers in place for LibreChat. `csrf_header` is the configured
@@ -53,18 +77,14 @@ pub fn rewrite_request(
     request_id: &HeaderValue,
     csrf_header: &HeaderName,
 ) {
-    strip_hop_by_hop(headers);
-    for name in CLIENT_ONLY.iter().chain(std::iter::once(csrf_header)) {
-        headers.remove(name);
-    }
-    let forwarded: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("x-forwarded-"))
-        .cloned()
-        .collect();
-    for name in forwarded {
-        headers.remove(name);
-    }
+    strip(headers, |name| {
+        is_hop_by_hop(name)
+            || CLIENT_ONLY.contains(name)
+            || name == csrf_header
+            || name.as_str().starts_with("x-forwarded-")
+    });
+    // The headers below, in one allocation.
+    headers.reserve(6);
     if let Some(token) = token {
         headers.insert(header::AUTHORIZATION, token.authorization.clone());
     }
@@ -87,32 +107,143 @@ pub fn rewrite_request(
 
 /// Filters LibreChat's response headers in place for the client.
 pub fn filter_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
-    strip_hop_by_hop(headers);
-    headers.remove(header::SET_COOKIE);
+    strip(headers, |name| {
+        is_hop_by_hop(name) || name == header::SET_COOKIE
+    });
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
-/// An address as a header value, formatted on the stack (this runs on every proxied request).
+/// An address as a header value, formatted without `fmt` for IPv4 (this runs on every proxied
+/// request), on the stack for IPv6.
 fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
     use std::io::Write as _;
-    // The longest text of an IPv6 address is 45 bytes.
-    let mut buf = [0u8; 64];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let written = write!(cursor, "{ip}").map(|()| cursor.position() as usize);
-    written
-        .ok()
-        .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
-        .unwrap_or(HeaderValue::from_static("127.0.0.1"))
+    let formatted = match ip {
+        std::net::IpAddr::V4(v4) => {
+            // "255.255.255.255" is 15 bytes.
+            let mut buf = [0u8; 15];
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                let digits = [octet / 100, octet / 10 % 10, octet % 10];
+                let skip = if octet >= 100 {
+                    0
+                } else if octet >= 10 {
+                    1
+                } else {
+                    2
+                };
+                for d in &digits[skip..] {
+                    buf[n] = b'0' + d;
+                    n += 1;
+                }
+            }
+            HeaderValue::from_bytes(&buf[..n]).ok()
+        }
+        std::net::IpAddr::V6(_) => {
+            // The longest text of an IPv6 address is 45 bytes.
+            let mut buf = [0u8; 64];
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            let written = write!(cursor, "{ip}").map(|()| cursor.position() as usize);
+            written
+                .ok()
+                .and_then(|n| HeaderValue::from_bytes(&buf[..n]).ok())
+        }
+    };
+    formatted.unwrap_or(HeaderValue::from_static("127.0.0.1"))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::ip_header;
+    use super::{filter_response, ip_header, rewrite_request};
+
+    #[test]
+    fn every_client_only_and_hop_by_hop_header_goes_however_many_there_are() {
+        use axum::http::{HeaderMap, HeaderName, HeaderValue};
+        let mut headers = HeaderMap::new();
+        let v = HeaderValue::from_static("v");
+        // More doomed names than the stack holds, one named by `Connection`, two values of one.
+        for name in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "te",
+            "trailer",
+            "upgrade",
+            "cookie",
+            "authorization",
+            "host",
+            "forwarded",
+            "x-real-ip",
+            "x-csrf",
+            "origin",
+            "referer",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-my-csrf",
+            "x-hop",
+            "accept",
+            "content-type",
+            "x-keep",
+        ] {
+            headers.append(HeaderName::from_static(name), v.clone());
+        }
+        headers.append("cookie", v.clone());
+        headers.insert("connection", HeaderValue::from_static("x-hop, Keep-Alive"));
+        let client = crate::end_user::ClientInfo {
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            user_agent: HeaderValue::from_static("Mozilla/5.0"),
+            proto: HeaderValue::from_static("https"),
+            host: None,
+        };
+        let id = HeaderValue::from_static("req-1");
+        rewrite_request(
+            &mut headers,
+            None,
+            &client,
+            &id,
+            &HeaderName::from_static("x-my-csrf"),
+        );
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "accept",
+                "content-type",
+                "user-agent",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-keep",
+                "x-request-id"
+            ]
+        );
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+
+        let mut res = HeaderMap::new();
+        res.append("set-cookie", v.clone());
+        res.append("set-cookie", v.clone());
+        res.insert("connection", HeaderValue::from_static("x-upstream-hop"));
+        res.insert("x-upstream-hop", v.clone());
+        res.insert("content-type", v.clone());
+        filter_response(&mut res, &id);
+        let mut left: Vec<&str> = res.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-request-id"]);
+    }
 
     #[test]
     fn addresses_of_every_length_become_header_values() {
         for ip in [
             "127.0.0.1",
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.99.100",
+            "100.20.3.255",
+            "9.80.255.7",
             "255.255.255.255",
             "::1",
             "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",

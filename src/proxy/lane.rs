@@ -116,8 +116,8 @@ impl<S> ChatLane<S> {
         match authenticate_from_copy(&proxy.auth, &parts, &self.cookie_name, CsrfRule::Header) {
             None => Taken::ForTheRouter(Request::from_parts(parts, body)),
             Some(Err(e)) => Taken::Refused(e.into_response()),
-            Some(Ok(caller)) => Taken::Forward(Box::pin(async move {
-                Ok(forward(&proxy, parts, body, uri, &caller.user).await)
+            Some(Ok(session)) => Taken::Forward(Box::pin(async move {
+                Ok(forward(&proxy, parts, body, uri, &session.user).await)
             })),
         }
     }

@@ -105,7 +105,11 @@ impl Proxy {
         };
 
         // 3. Rewrite the request.
-        let request_id = crate::telemetry::request_id(&parts.headers);
+        // Set by the edge on every request of the main listener (sanitised there).
+        let request_id = match parts.headers.get(&crate::telemetry::X_REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => crate::telemetry::request_id(&parts.headers),
+        };
         let mut body =
             RequestBody::prepare(&parts, body, &self.upstream, self.body_idle_timeout).await?;
         let method = parts.method;

@@ -3,6 +3,8 @@
 //! Denials compare the decoded, lower-cased path (`%61uth`, `Auth` are `auth`: Express matches
 //! routes case-insensitively); the path LibreChat receives is still the raw one.
 
+use std::borrow::Cow;
+
 use percent_encoding::percent_decode_str;
 
 use crate::error::ApiError;
@@ -50,6 +52,9 @@ pub fn checked_api_path<'a>(rest: &'a str, deny: &[String]) -> Result<&'a str, A
     }
     // Configured prefixes are plain string prefixes of the decoded path (no segment rule, as
     // documented: "agents/tools" also covers "agents/tools2").
+    if deny.is_empty() {
+        return Ok(rest);
+    }
     let path = decoded.join("/");
     if deny.iter().any(|p| {
         let prefix = checked_prefix(p);
@@ -62,21 +67,21 @@ pub fn checked_api_path<'a>(rest: &'a str, deny: &[String]) -> Result<&'a str, A
 
 /// The decoded, lower-cased segments of a relative path (no leading slash); a trailing slash
 /// leaves one empty last segment. Dot segments, `//` and hidden separators are refused.
-pub fn decoded_segments(rest: &str) -> Result<Vec<String>, ApiError> {
+pub fn decoded_segments(rest: &str) -> Result<Vec<Cow<'_, str>>, ApiError> {
     if rest.is_empty() {
         return Err(ApiError::NotFound);
     }
-    let raw_segments: Vec<&str> = rest.split('/').collect();
-    let mut decoded = Vec::with_capacity(raw_segments.len());
-    for (i, segment) in raw_segments.iter().enumerate() {
+    let count = rest.split('/').count();
+    let mut decoded = Vec::with_capacity(count);
+    for (i, segment) in rest.split('/').enumerate() {
         // A trailing slash leaves one empty last segment; any other empty one is `//`.
-        let trailing = i + 1 == raw_segments.len() && i > 0 && segment.is_empty();
+        let trailing = i + 1 == count && i > 0 && segment.is_empty();
         if trailing {
-            decoded.push(String::new());
+            decoded.push(Cow::Borrowed(""));
             continue;
         }
         match checked_segment(segment) {
-            Some(d) => decoded.push(d.to_ascii_lowercase()),
+            Some(d) => decoded.push(d),
             None => return Err(ApiError::BadPath),
         }
     }
@@ -93,13 +98,19 @@ fn checked_prefix(prefix: &str) -> String {
         .to_ascii_lowercase()
 }
 
-/// The decoded segment, unless it is empty, a dot segment, or hides a slash, backslash, NUL or
-/// control byte (also percent-encoded).
-fn checked_segment(segment: &str) -> Option<String> {
+/// The decoded, lower-cased segment, unless it is empty, a dot segment, or hides a slash,
+/// backslash, NUL or control byte (also percent-encoded). Borrowed when there is nothing to
+/// decode or lower (the common case: this runs on every proxied request).
+fn checked_segment(segment: &str) -> Option<Cow<'_, str>> {
     if segment.is_empty() {
         return None;
     }
-    let decoded = percent_decode(segment)?;
+    let plain = !segment.bytes().any(|b| b == b'%' || b.is_ascii_uppercase());
+    let decoded = if plain {
+        Cow::Borrowed(segment)
+    } else {
+        Cow::Owned(percent_decode(segment)?.to_ascii_lowercase())
+    };
     if decoded == "." || decoded == ".." {
         return None;
     }

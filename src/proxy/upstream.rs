@@ -138,10 +138,15 @@ impl Upstream {
     }
 
     fn build_uri(&self, prefix: &str, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
-        let path_and_query = match query {
-            Some(q) => format!("{prefix}{rest}?{q}"),
-            None => format!("{prefix}{rest}"),
-        };
+        // Built by hand: `format!` costs more than the rest of this function (every request).
+        let mut path_and_query =
+            String::with_capacity(prefix.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+        path_and_query.push_str(prefix);
+        path_and_query.push_str(rest);
+        if let Some(q) = query {
+            path_and_query.push('?');
+            path_and_query.push_str(q);
+        }
         Uri::builder()
             .scheme(self.scheme.clone())
             .authority(self.authority.clone())

@@ -144,7 +144,13 @@ pub async fn authenticate_cookie(
     // `session::cache`). Anything else reads the record.
     if let Some(id) = session.id() {
         if let Some(served) = served_from_copy(auth, parts, &id, slide, rule, now) {
-            return served;
+            return served.map(|data| Authenticated {
+                user: data.user.clone(),
+                session: Some(CookieSession {
+                    id: id.to_string(),
+                    data,
+                }),
+            });
         }
     }
     // Boxed: the cold path's state (record load, refresh, write) stays out of the warm path's
@@ -162,7 +168,7 @@ pub fn authenticate_from_copy(
     parts: &Parts,
     cookie_name: &str,
     rule: CsrfRule,
-) -> Option<Result<Authenticated, ApiError>> {
+) -> Option<Result<Arc<SessionData>, ApiError>> {
     auth.sessions.store().cache()?;
     let id = plain_session_id(parts, cookie_name, auth.session_cfg.max_cookie_bytes)?;
     let now = auth.clock.now().unix_timestamp();
@@ -192,8 +198,8 @@ fn plain_session_id(parts: &Parts, name: &str, max_bytes: usize) -> Option<Id> {
     found
 }
 
-/// The caller from this replica's copy of session `id`, when the copy says it is live and
-/// nothing is due; `None` sends the request to the record.
+/// This replica's copy of session `id`, when it says the session is live and nothing is due,
+/// and the request passes `rule`; `None` sends the request to the record.
 fn served_from_copy(
     auth: &Authenticator,
     parts: &Parts,
@@ -201,20 +207,14 @@ fn served_from_copy(
     slide: bool,
     rule: CsrfRule,
     now: i64,
-) -> Option<Result<Authenticated, ApiError>> {
+) -> Option<Result<Arc<SessionData>, ApiError>> {
     let cache = auth.sessions.store().cache()?;
     let data = cache.get(id).filter(|d| nothing_due(auth, d, now, slide))?;
     let checked = match rule {
         CsrfRule::Header => auth.csrf.check_cookie_request(parts),
         CsrfRule::SameOrigin => auth.csrf.check_same_origin(parts),
     };
-    Some(checked.map(|()| Authenticated {
-        user: data.user.clone(),
-        session: Some(CookieSession {
-            id: id.to_string(),
-            data,
-        }),
-    }))
+    Some(checked.map(|()| data))
 }
 
 /// The cold cookie path: reads the record, ends it when it has expired, refreshes the identity

@@ -43,9 +43,9 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         .get(&X_REQUEST_ID)
         .filter(|v| {
             v.len() <= 128
-                && v.as_bytes()
-                    .iter()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+                && v.as_bytes().iter().all(|b| {
+                    matches!(b, b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':')
+                })
         })
         .cloned()
         .unwrap_or_else(|| {

@@ -411,7 +411,7 @@ async fn page_request(ui: &Ui, req: Request) -> Result<Response, ApiError> {
     } else {
         path::decoded_segments(&rest)?
     };
-    let first = segments.first().map(String::as_str);
+    let first = segments.first().map(|s| s.as_ref());
     let is_static = segments.last().is_some_and(|s| s.contains('.'))
         || matches!(first, Some("assets" | "fonts"))
         || segments == ["health"];
