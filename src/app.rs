@@ -7,15 +7,11 @@ use std::time::Duration;
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
     middleware,
-    response::{IntoResponse, Response},
     routing::{any, delete, get, post},
     Router,
 };
 use tower::ServiceBuilder;
-use tower_http::{
-    catch_panic::{CatchPanic, CatchPanicLayer},
-    cors::{AllowOrigin, Cors, CorsLayer},
-};
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
 pub use crate::startup::{AppState, StartupError};
@@ -29,14 +25,13 @@ use crate::{
     ui,
 };
 
-/// The main listener's service. Outside in: panics become a JSON 500; the edge (request id, log
-/// span, metrics, JSON problem shape); CORS; the warm lane of `/api/chat/*` (src/proxy/lane.rs:
+/// The main listener's service. Outside in: the edge (panics as a JSON 500, request id, log span,
+/// metrics, JSON problem shape); CORS; the warm lane of `/api/chat/*` (src/proxy/lane.rs:
 /// callers known without a session read are forwarded from there, everyone else continues); the
 /// router below.
 pub fn app(state: AppState) -> App {
     let lane = ChatLaneLayer::new(state.proxy.clone(), &state.config.cookie_name());
     ServiceBuilder::new()
-        .layer(CatchPanicLayer::custom(panicked as PanicHandler))
         .layer(edge::EdgeLayer::new(state.metrics.clone()))
         .layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
         .layer(lane)
@@ -44,13 +39,7 @@ pub fn app(state: AppState) -> App {
 }
 
 /// The service [`app`] builds (what `serve` runs on the main listener).
-pub type App = CatchPanic<edge::Edge<Cors<ChatLane<Router>>>, PanicHandler>;
-
-type PanicHandler = fn(Box<dyn std::any::Any + Send>) -> Response;
-
-fn panicked(_: Box<dyn std::any::Any + Send>) -> Response {
-    error::ApiError::Internal.into_response()
-}
+pub type App = edge::Edge<Cors<ChatLane<Router>>>;
 
 pub fn router(state: AppState) -> Router {
     // Serving: a request never waits for Redis to connect (503 meanwhile).

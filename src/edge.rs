@@ -1,4 +1,4 @@
-//! The edge of the main listener, in one layer: a request id (the client's `X-Request-Id` when
+//! The edge of the main listener, in one layer: a panic answered as a JSON 500, a request id (the client's `X-Request-Id` when
 //! sane, else a new one) on the request, the response and every log line of the request (a span),
 //! the request metrics, and the JSON problem shape of any error the BFF answers itself
 //! ([`problem_shape`]). Latency is time to response headers, so streamed bodies don't distort it.
@@ -9,18 +9,23 @@
 use std::{
     convert::Infallible,
     future::Future,
+    panic::{self, AssertUnwindSafe},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
 
-use axum::{extract::Request, response::Response};
+use axum::{
+    extract::Request,
+    response::{IntoResponse, Response},
+};
+use futures_util::FutureExt;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::{
-    error::{problem, ErrorCause},
+    error::{problem, ApiError, ErrorCause},
     telemetry::{
         metrics::{route_group, CodeLabels, Metrics, RequestLabels},
         request_id, X_REQUEST_ID,
@@ -82,14 +87,22 @@ where
         );
         let started = Instant::now();
         // The service that was polled ready takes the request here (no clone of the stack below).
-        let answer = span.in_scope(|| self.inner.call(req));
+        // A panic below it (taking the request or answering it) is a JSON 500 for this request;
+        // the panic hook reports it, the connection and the process go on.
+        let answer =
+            span.in_scope(|| panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(req))));
         let metrics = self.metrics.clone();
         Box::pin(async move {
             let res = async {
-                match answer.await {
-                    Ok(res) => problem_shape(res).await,
-                    Err(never) => match never {},
-                }
+                let res = match answer {
+                    Ok(answer) => match AssertUnwindSafe(answer).catch_unwind().await {
+                        Ok(Ok(res)) => res,
+                        Ok(Err(never)) => match never {},
+                        Err(_) => ApiError::Internal.into_response(),
+                    },
+                    Err(_) => ApiError::Internal.into_response(),
+                };
+                problem_shape(res).await
             }
             .instrument(span.clone())
             .await;
@@ -209,5 +222,63 @@ fn problem_code(status: axum::http::StatusCode) -> (&'static str, &'static str) 
             "The service is unavailable; try again shortly.",
         ),
         _ => ("internal_error", "Something went wrong on our side."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+
+    /// Panics while taking a request (`/call`), while answering it (`/answer`), else answers.
+    #[derive(Clone)]
+    struct Fragile;
+
+    impl Service<Request> for Fragile {
+        type Response = Response;
+        type Error = Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: Request) -> Self::Future {
+            let path = req.uri().path().to_owned();
+            assert_ne!(path, "/call", "panic while taking the request");
+            Box::pin(async move {
+                assert_ne!(path, "/answer", "panic while answering");
+                Ok(Response::new(Body::from("fine")))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_below_is_a_json_500_and_the_next_request_is_served() {
+        let mut edge = EdgeLayer::new(Arc::new(Metrics::new())).layer(Fragile);
+        for path in ["/call", "/answer", "/fine"] {
+            let req = Request::builder()
+                .uri(path)
+                .body(Body::empty())
+                .expect("request");
+            let res = match edge.call(req).await {
+                Ok(res) => res,
+                Err(never) => match never {},
+            };
+            assert!(res.headers().contains_key(&X_REQUEST_ID), "{path}");
+            let status = res.status();
+            let body = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .expect("body")
+                .to_bytes();
+            if path == "/fine" {
+                assert_eq!(status, 200);
+                assert_eq!(&body[..], b"fine");
+            } else {
+                assert_eq!(status, 500, "{path}");
+                let problem: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+                assert_eq!(problem["error"], "internal_error", "{path}: {problem}");
+            }
+        }
     }
 }
