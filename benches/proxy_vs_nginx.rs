@@ -393,8 +393,9 @@ fn spawn(name: &str, mut cmd: Command, dir: &Path, env: &[(String, String)], por
         child,
         log,
     };
-    // A separate process: nothing to await but its port.
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // A separate process: nothing to await but its port. Generous: a BFF wrapped in valgrind
+    // (`--bff-bin` a script running dhat or massif) takes most of a minute to listen.
+    let deadline = Instant::now() + Duration::from_secs(90);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         proc.check_alive();
         assert!(Instant::now() < deadline, "{name} did not listen on {port}");

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 /// jemalloc, not glibc's malloc: after a burst of connections (5,000 held SSE streams in
 /// `cargo bench --bench proxy_vs_nginx -- --modes held`) glibc kept the memory (+140 MB, growing
 /// with each burst); jemalloc with the settings below gives it back within seconds.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -14,15 +15,18 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// it): a background thread purges freed pages, dirty pages after 1 s (reused meanwhile, so a
 /// busy server does not pay an madvise per free), without the lazy `MADV_FREE` stage whose
 /// pages would stay in RSS until the kernel is short of memory.
+#[cfg(feature = "jemalloc")]
 #[used]
 #[export_name = "_rjem_malloc_conf"]
 static MALLOC_CONF: MallocConf =
     MallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 /// `const char *malloc_conf` as jemalloc declares it.
+#[cfg(feature = "jemalloc")]
 #[repr(transparent)]
 struct MallocConf(*const std::ffi::c_char);
 // SAFETY: points at an immutable static C string.
+#[cfg(feature = "jemalloc")]
 unsafe impl Sync for MallocConf {}
 use librechat_bff::{
     admin::ops, app::AppState, config::Config, credentials::KeyRing, doctor, serve, telemetry,
