@@ -11,13 +11,7 @@ use serde::{Deserialize, Serialize, Serializer};
 /// The documented defaults, embedded so a zero-config `serve` works.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config: {0}")]
-    Load(String),
-    #[error("invalid setting `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
+pub use crate::config_error::ConfigError;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {

@@ -171,7 +171,14 @@ async fn redis_checks(state: &AppState) -> Vec<Check> {
             expiry_checks(
                 "Redis",
                 redis.tls_endpoints().await,
-                crate::tls::redis_client_config(&state.config.redis),
+                {
+                    let r = &state.config.redis;
+                    crate::tls::redis_client_config(
+                        &r.tls_ca_file,
+                        &r.tls_cert_file,
+                        &r.tls_key_file,
+                    )
+                },
                 "redis.tls_ca_file",
             )
             .await,

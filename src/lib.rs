@@ -1,12 +1,14 @@
 //! librechat-bff: puts an unmodified LibreChat behind a product's own login.
 //!
-//! Start reading at [`app::router`]: it lists every route and where it goes;
+//! Start reading at [`app::app`]: what every request passes, then [`app::router`] with every
+//! route and where it goes;
 //! [`startup::AppState`] is where everything is built.
 
 pub mod admin;
 pub mod app;
 pub mod clock;
 pub mod config;
+pub mod config_error;
 pub mod credentials;
 pub mod doctor;
 pub mod edge;

@@ -14,7 +14,7 @@ use rustls::{
     ClientConfig, RootCertStore,
 };
 
-use crate::config::ConfigError;
+use crate::config_error::ConfigError;
 
 fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
@@ -137,10 +137,15 @@ pub fn client_config(
     }
 }
 
-/// The `[redis]` TLS files as a rustls configuration (for `doctor`'s own handshakes).
-pub fn redis_client_config(cfg: &crate::config::RedisConfig) -> Result<ClientConfig, ConfigError> {
-    let ca = CaBundle::load("redis.tls_ca_file", &cfg.tls_ca_file)?;
-    let identity = match (cfg.tls_cert_file.as_str(), cfg.tls_key_file.as_str()) {
+/// The `[redis]` TLS files (`tls_ca_file`, `tls_cert_file`, `tls_key_file`; empty: not used) as a
+/// rustls configuration (for `doctor`'s own handshakes).
+pub fn redis_client_config(
+    ca_file: &str,
+    cert_file: &str,
+    key_file: &str,
+) -> Result<ClientConfig, ConfigError> {
+    let ca = CaBundle::load("redis.tls_ca_file", ca_file)?;
+    let identity = match (cert_file, key_file) {
         ("", _) | (_, "") => None,
         (cert_path, key_path) => {
             let pem = read_file("redis.tls_cert_file", cert_path)?;

@@ -126,7 +126,7 @@ impl RedisHandle {
         Self::with_tls(
             cfg.url.expose(),
             &cfg.key_prefix,
-            &RedisTls::from_config(cfg)?,
+            &RedisTls::from_files(&cfg.tls_ca_file, &cfg.tls_cert_file, &cfg.tls_key_file)?,
         )
     }
 

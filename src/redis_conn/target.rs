@@ -20,10 +20,7 @@ use redis::{
 };
 use tokio::sync::Mutex;
 
-use crate::{
-    config::{ConfigError, RedisConfig},
-    tls,
-};
+use crate::{config_error::ConfigError, tls};
 
 use super::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT};
 
@@ -54,8 +51,8 @@ impl std::fmt::Debug for RedisTls {
 impl RedisTls {
     /// Reads `redis.tls_ca_file`, `tls_cert_file` and `tls_key_file` (empty: not used); each
     /// error names its key and file.
-    pub fn from_config(cfg: &RedisConfig) -> Result<Self, ConfigError> {
-        let ca = match cfg.tls_ca_file.as_str() {
+    pub fn from_files(ca_file: &str, cert_file: &str, key_file: &str) -> Result<Self, ConfigError> {
+        let ca = match ca_file {
             "" => None,
             path => {
                 let pem = tls::read_file("redis.tls_ca_file", path)?;
@@ -63,7 +60,7 @@ impl RedisTls {
                 Some(pem)
             }
         };
-        let client = match (cfg.tls_cert_file.as_str(), cfg.tls_key_file.as_str()) {
+        let client = match (cert_file, key_file) {
             ("", "") => None,
             ("", _) | (_, "") => {
                 return Err(ConfigError::Invalid {
