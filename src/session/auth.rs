@@ -159,9 +159,9 @@ pub async fn authenticate_cookie(
 }
 
 /// The cookie path without tower-sessions' layer (the proxy's warm lane, `proxy::lane`): the
-/// session (its copy here) when the cookie is unambiguous — exactly one cookie of that name, a plain id,
-/// nothing percent-encoded, within `session.max_cookie_bytes` — and this replica's copy serves
-/// as it is with the idle timer sliding. `None`: anything else, which goes through the session layer
+/// session's copy here, when the cookie is unambiguous — exactly one cookie of that name, a plain
+/// id, nothing percent-encoded, within `session.max_cookie_bytes` — and the copy serves as it is
+/// with the idle timer sliding. `None`: anything else, which goes through the session layer
 /// (where tower-sessions reads the cookie) and [`authenticate_cookie`].
 pub fn authenticate_from_copy(
     auth: &Authenticator,
