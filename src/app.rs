@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::{
     http::{header, HeaderName, HeaderValue, Method},
     middleware,
-    routing::{any, delete, get, post},
+    routing::{any, delete, get, on, post},
     Router,
 };
 use tower::ServiceBuilder;
@@ -67,15 +67,11 @@ pub fn router(state: AppState) -> Router {
         .route("/auth/logout", post(session::routes::logout))
         .route("/auth/me", get(session::routes::me))
         // Web (cookie) and mobile (Bearer): LibreChat's /api/* as the signed-in user
-        // (src/proxy/mod.rs). Only these methods are forwarded (GET covers HEAD).
+        // (src/proxy/mod.rs). Only `proxy::FORWARDED_METHODS` are (GET covers HEAD). Warm
+        // callers were already forwarded by the lane in front (see `app`).
         .route(
             "/api/chat/{*path}",
-            get(proxy::forward)
-                .post(proxy::forward)
-                .put(proxy::forward)
-                .patch(proxy::forward)
-                .delete(proxy::forward)
-                .options(proxy::forward),
+            on(proxy::forwarded_filter(), proxy::forward),
         )
         // Ops: the admin API (above) and the identity service's signed webhook.
         .merge(ops)

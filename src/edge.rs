@@ -1,7 +1,8 @@
-//! The edge of the main listener, in one layer: a panic answered as a JSON 500, a request id (the client's `X-Request-Id` when
-//! sane, else a new one) on the request, the response and every log line of the request (a span),
-//! the request metrics, and the JSON problem shape of any error the BFF answers itself
-//! ([`problem_shape`]). Latency is time to response headers, so streamed bodies don't distort it.
+//! The edge of the main listener, in one layer: a panic answered as a JSON 500, a request id (the
+//! client's `X-Request-Id` when sane, else a new one) on the request, the response and every log
+//! line of the request (a span), the request metrics, and the JSON problem shape of any error the
+//! BFF answers itself ([`problem_shape`]). Latency is time to response headers, so streamed
+//! bodies don't distort it.
 //!
 //! Hand-written rather than axum's `from_fn` + `map_response`: each of those boxed a clone of the
 //! whole stack below it on every request (issue 12).

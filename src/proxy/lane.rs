@@ -17,7 +17,7 @@ use std::{
 
 use axum::{
     extract::Request,
-    http::{header, request::Parts, Method, Uri},
+    http::{header, request::Parts, Uri},
     response::{IntoResponse, Response},
 };
 use futures_util::future::Either;
@@ -125,17 +125,7 @@ impl<S> ChatLane<S> {
     /// LibreChat's URI for a proxied method on `/api/chat/{rest}` with an allowed `rest`; `None`
     /// for anything the router must answer (it refuses the same way it always has).
     fn upstream_uri(&self, req: &Request) -> Option<Uri> {
-        let proxied = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::POST
-                | Method::PUT
-                | Method::PATCH
-                | Method::DELETE
-                | Method::OPTIONS
-        );
-        if !proxied {
+        if !super::forwards(req.method()) {
             return None;
         }
         let upstream = &self.proxy.upstream;

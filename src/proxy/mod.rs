@@ -13,8 +13,9 @@ pub mod upstream;
 use axum::{
     body::{Body, Bytes},
     extract::{Request, State},
-    http::{header, request::Parts, HeaderMap, StatusCode},
+    http::{header, request::Parts, HeaderMap, Method, StatusCode},
     response::{IntoResponse, Response},
+    routing::MethodFilter,
 };
 use http_body_util::BodyExt;
 
@@ -31,6 +32,30 @@ use crate::{
 
 use body::{BodyFailure, BodyOutcome, ClientBody};
 pub use upstream::Upstream;
+
+/// The methods `/api/chat/*` forwards, for the router's route and the warm lane alike (GET covers
+/// HEAD); any other is the router's 405.
+pub const FORWARDED_METHODS: [Method; 6] = [
+    Method::GET,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// Whether `/api/chat/*` forwards `method` ([`FORWARDED_METHODS`], HEAD with GET).
+pub fn forwards(method: &Method) -> bool {
+    method == Method::HEAD || FORWARDED_METHODS.contains(method)
+}
+
+/// [`FORWARDED_METHODS`] as the router's method filter.
+pub fn forwarded_filter() -> MethodFilter {
+    FORWARDED_METHODS
+        .iter()
+        .filter_map(|m| MethodFilter::try_from(m.clone()).ok())
+        .fold(MethodFilter::GET, MethodFilter::or)
+}
 
 /// Response extension on LibreChat's answers: they pass through as LibreChat sent them, while
 /// every other error response is the BFF's own and must be in the JSON problem shape.

@@ -1420,6 +1420,11 @@ async fn the_chat_lane_reads_session_cookies_exactly_as_the_session_layer_does()
             format!("{name}=%{:02X}{}", id.as_bytes()[0], &id[1..]),
             StatusCode::OK,
         ),
+        // The real one drowned in a Cookie header over `session.max_cookie_bytes`: not read.
+        (
+            format!("{real}; junk={}", "j".repeat(20 * 1024)),
+            StatusCode::UNAUTHORIZED,
+        ),
         // Not an id at all.
         (format!("{name}=not-an-id"), StatusCode::UNAUTHORIZED),
         (format!("{name}="), StatusCode::UNAUTHORIZED),
