@@ -74,6 +74,7 @@ impl LibreChatClient {
         let builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(cfg.connect_timeout_secs))
             .timeout(Duration::from_secs(cfg.response_header_timeout_secs.max(5)))
+            .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
             .redirect(reqwest::redirect::Policy::none());
         let http = crate::tls::reqwest_trust(builder, "librechat.tls_ca_file", ca.as_ref())?
             .build()

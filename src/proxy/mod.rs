@@ -8,6 +8,7 @@ pub mod body;
 pub mod headers;
 pub mod lane;
 pub mod path;
+pub mod pool;
 pub mod upstream;
 
 use axum::{

@@ -16,25 +16,19 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    http::{
-        uri::Authority, uri::Scheme, HeaderMap, HeaderName, HeaderValue, Method, Request, Response,
-        Uri,
-    },
+    http::{uri::Scheme, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri},
 };
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::{
-    client::legacy::{connect::HttpConnector, Client},
-    rt::TokioExecutor,
-};
+use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::{sync::Notify, time::Instant};
 
 use std::sync::Arc;
 
 use super::{
     body::{BodyOutcome, IdleTimeoutBody},
-    headers, Proxied,
+    headers,
+    pool::{Pool, PooledBody, SendError},
+    Proxied,
 };
 use crate::telemetry::metrics::{GroupLabels, KindLabels, Metrics, StreamMetricsBody};
 use crate::{
@@ -43,13 +37,11 @@ use crate::{
 };
 
 pub struct Upstream {
-    /// One connection pool per core runtime (index 0: any other thread), so a request never
-    /// borrows a connection whose task runs on another thread (see `per_core`). The connector
-    /// speaks TLS to an https:// LibreChat (trusting `librechat.tls_ca_file`, else the system's
-    /// roots) and plain TCP to an http:// one.
-    clients: Box<[Client<HttpsConnector<HttpConnector>, Body>]>,
-    scheme: Scheme,
-    authority: Authority,
+    /// Keep-alive connections per core runtime, so a request never borrows a connection whose
+    /// task runs on another thread (see `per_core`). The connector speaks TLS to an https://
+    /// LibreChat (trusting `librechat.tls_ca_file`, else the system's roots) and plain TCP to
+    /// an http:// one.
+    pool: Arc<Pool>,
     /// `{base path}/api/`: what `/api/chat/` maps to.
     prefix: String,
     header_timeout: Duration,
@@ -64,7 +56,7 @@ pub struct Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
-            .field("authority", &self.authority)
+            .field("prefix", &self.prefix)
             .finish_non_exhaustive()
     }
 }
@@ -95,17 +87,16 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let clients = (0..=cores)
-            .map(|_| {
-                Client::builder(TokioExecutor::new())
-                    .pool_idle_timeout(Duration::from_secs(cfg.pool_idle_timeout_secs))
-                    .build(connector.clone())
-            })
-            .collect();
+        let pool = Pool::new(
+            connector,
+            &scheme,
+            &authority,
+            cores + 1,
+            Duration::from_secs(cfg.pool_idle_timeout_secs),
+        )
+        .map_err(|_| bad("the host is not a valid Host header"))?;
         Ok(Self {
-            clients,
-            scheme,
-            authority,
+            pool: Arc::new(pool),
             prefix: format!("{base}/api/"),
             header_timeout: Duration::from_secs(cfg.response_header_timeout_secs),
             idle_timeout: Duration::from_secs(cfg.stream_idle_timeout_secs),
@@ -126,12 +117,12 @@ impl Upstream {
         Ok(self)
     }
 
-    /// `{librechat}/api/{rest}[?query]`.
+    /// `{base path}/api/{rest}[?query]` (origin form: the pool sends `Host`).
     pub fn uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
         self.build_uri(&self.prefix, rest, query)
     }
 
-    /// `{librechat}/{rest}[?query]`: LibreChat's routes outside `/api` (web UI, `/images`).
+    /// `{base path}/{rest}[?query]`: LibreChat's routes outside `/api` (web UI, `/images`).
     pub fn root_uri(&self, rest: &str, query: Option<&str>) -> Result<Uri, ApiError> {
         let base = self.prefix.strip_suffix("api/").unwrap_or(&self.prefix);
         self.build_uri(base, rest, query)
@@ -147,12 +138,7 @@ impl Upstream {
             path_and_query.push('?');
             path_and_query.push_str(q);
         }
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ApiError::BadPath)
+        Uri::try_from(path_and_query).map_err(|_| ApiError::BadPath)
     }
 
     /// Sends one request. When it fails because the client's body did (`client_body` says why),
@@ -166,7 +152,7 @@ impl Upstream {
         body: Body,
         client_body: Option<&BodyOutcome>,
         metrics: &Metrics,
-    ) -> Result<Response<Incoming>, ApiError> {
+    ) -> Result<Response<PooledBody>, ApiError> {
         let started = std::time::Instant::now();
         let result = self.send_inner(method, uri, headers, body).await;
         if result.is_err() {
@@ -202,7 +188,7 @@ impl Upstream {
         uri: Uri,
         headers: HeaderMap,
         body: Body,
-    ) -> Result<Response<Incoming>, ApiError> {
+    ) -> Result<Response<PooledBody>, ApiError> {
         use http_body::Body as _;
         // Nothing to send: the header clock starts at once.
         let progress = (!body.is_end_stream()).then(|| std::sync::Arc::new(SendProgress::new()));
@@ -217,8 +203,7 @@ impl Upstream {
         *req.method_mut() = method;
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
-        let client = &self.clients[crate::per_core::current() % self.clients.len()];
-        let request = client.request(req);
+        let request = self.pool.send(req);
         tokio::pin!(request);
         if let Some(progress) = progress {
             // Until the body is sent: no total limit, only LibreChat not taking it.
@@ -249,7 +234,7 @@ impl Upstream {
     /// event streams are counted while open.
     pub fn into_client_response(
         &self,
-        res: Response<Incoming>,
+        res: Response<PooledBody>,
         request_id: &HeaderValue,
         metrics: &Arc<Metrics>,
     ) -> axum::response::Response {
@@ -271,8 +256,8 @@ impl Upstream {
 }
 
 fn classify(
-    res: Result<Response<Incoming>, hyper_util::client::legacy::Error>,
-) -> Result<Response<Incoming>, ApiError> {
+    res: Result<Response<PooledBody>, SendError>,
+) -> Result<Response<PooledBody>, ApiError> {
     res.map_err(|e| {
         // The cause is in the sources ("client error (Connect)" alone says nothing).
         let error = crate::tls::error_chain(&e);
