@@ -25,10 +25,12 @@ use axum::{
     body::{Body, Bytes},
     http::{uri::Authority, uri::Scheme, HeaderValue, Request, Response, Uri},
 };
+use futures_util::FutureExt;
 use http_body::{Frame, SizeHint};
 use hyper::{body::Incoming, client::conn::http1::SendRequest};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
+use hyper_util::{client::legacy::connect::HttpConnector, rt::TokioIo};
+use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 /// Idle connections kept per core: more than the busiest moment needs is only open sockets.
@@ -171,21 +173,26 @@ impl Pool {
 
     async fn connect(self: &Arc<Self>, slot: usize) -> Result<Conn, SendError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| SendError::NoRuntime)?;
-        let io = self
+        let io = match self
             .connector
             .clone()
             .oneshot(self.target.clone())
             .await
-            .map_err(SendError::Connect)?;
+            .map_err(SendError::Connect)?
+        {
+            MaybeHttpsStream::Http(tcp) => Io::Plain(tcp),
+            tls @ MaybeHttpsStream::Https(_) => Io::Tls(Box::new(tls)),
+        };
         let (sender, connection) = hyper::client::conn::http1::handshake(io)
             .await
             .map_err(SendError::Handshake)?;
-        // The connection runs on this core, next to the requests that use it.
-        runtime.spawn(async move {
-            if let Err(error) = connection.await {
+        // The connection runs on this core, next to the requests that use it. (`map`, not an
+        // async block: that would hold the connection twice in the task, measured +1.7 KB.)
+        runtime.spawn(connection.map(|ended| {
+            if let Err(error) = ended {
                 tracing::debug!(%error, "LibreChat connection ended");
             }
-        });
+        }));
         if !self.reaping[slot].swap(true, Ordering::Relaxed) {
             runtime.spawn(reap(Arc::downgrade(self), slot));
         }
@@ -217,6 +224,71 @@ impl Pool {
             .iter()
             .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
             .sum()
+    }
+}
+
+/// A connection's socket. TLS state is boxed: inline, it would make every plain-TCP connection
+/// (the usual private-network case) 1.1 KB larger for as long as it lives.
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<MaybeHttpsStream<TokioIo<TcpStream>>>),
+}
+
+impl hyper::rt::Read for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_flush(cx),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            Io::Tls(io) => Pin::new(io.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 }
 
