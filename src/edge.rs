@@ -28,7 +28,7 @@ use tracing::Instrument;
 use crate::{
     error::{problem, ApiError, ErrorCause},
     telemetry::{
-        metrics::{route_group, CodeLabels, Metrics, RequestLabels},
+        metrics::{route_group, CodeLabels, Metrics},
         request_id, X_REQUEST_ID,
     },
 };
@@ -124,15 +124,7 @@ fn observed(
     let elapsed = started.elapsed();
     let status = res.status().as_u16();
     res.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
-    let labels = RequestLabels {
-        route_group: group,
-        status,
-    };
-    metrics.requests.get_or_create(&labels).inc();
-    metrics
-        .request_duration
-        .get_or_create(&labels)
-        .observe(elapsed.as_secs_f64());
+    metrics.request(group, status, elapsed.as_secs_f64());
     let elapsed_ms = elapsed.as_millis() as u64;
     // One line per request; an error the BFF answered itself carries its cause here, once.
     span.in_scope(|| match res.extensions().get::<ErrorCause>() {

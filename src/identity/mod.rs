@@ -32,6 +32,17 @@ impl From<&VerifiedIdentity> for UserInfo {
     }
 }
 
+impl From<VerifiedIdentity> for UserInfo {
+    fn from(v: VerifiedIdentity) -> Self {
+        Self {
+            id: v.user_id,
+            email: v.email,
+            name: v.name,
+            groups: v.groups,
+        }
+    }
+}
+
 // How identity failures reach the client.
 impl From<VerifyError> for ApiError {
     fn from(e: VerifyError) -> Self {

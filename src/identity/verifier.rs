@@ -159,7 +159,7 @@ impl TokenTypeRule {
 /// used only before its token's `exp` (without the leeway), for at most `VERIFIED_TTL`, and (JWKS)
 /// only while the key that verified it is still the key set's (see `IdentityVerifier::verify`).
 struct VerifiedTokens {
-    tokens: moka::sync::Cache<String, Arc<Verified>>,
+    tokens: moka::sync::Cache<String, Arc<Verified>, SignatureTail>,
     misses: std::sync::atomic::AtomicU64,
 }
 
@@ -184,7 +184,7 @@ impl VerifiedTokens {
             tokens: moka::sync::Cache::builder()
                 .max_capacity(VERIFIED_CAPACITY)
                 .time_to_live(VERIFIED_TTL)
-                .build(),
+                .build_with_hasher(SignatureTail::default()),
             misses: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -209,6 +209,39 @@ impl VerifiedTokens {
             };
             self.tokens.insert(token.to_owned(), Arc::new(entry));
         }
+    }
+}
+
+/// Hashes a token by its last [`SignatureTail::BYTES`] bytes only (a keyed SipHash, as
+/// `std`'s maps): hashing a whole ~400-byte JWT was most of a Bearer request's cache lookup.
+/// A hit still needs the whole token to be equal (the map compares keys), and only tokens that
+/// verified are stored, so tails an attacker makes collide cost one bucket, nothing more. The
+/// tail is inside the signature, which is what differs between tokens.
+#[derive(Clone, Default)]
+struct SignatureTail(std::hash::RandomState);
+
+impl SignatureTail {
+    const BYTES: usize = 32;
+}
+
+impl std::hash::BuildHasher for SignatureTail {
+    type Hasher = TailHasher;
+
+    fn build_hasher(&self) -> TailHasher {
+        TailHasher(self.0.build_hasher())
+    }
+}
+
+struct TailHasher(std::hash::DefaultHasher);
+
+impl std::hash::Hasher for TailHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0
+            .write(&bytes[bytes.len().saturating_sub(SignatureTail::BYTES)..]);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0.finish()
     }
 }
 

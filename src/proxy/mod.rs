@@ -58,8 +58,9 @@ pub fn forwarded_filter() -> MethodFilter {
         .fold(MethodFilter::GET, MethodFilter::or)
 }
 
-/// Response extension on LibreChat's answers: they pass through as LibreChat sent them, while
-/// every other error response is the BFF's own and must be in the JSON problem shape.
+/// Response extension on LibreChat's error answers (status ≥ 400): they pass through as LibreChat
+/// sent them, while every other error response is the BFF's own and must be in the JSON problem
+/// shape.
 #[derive(Debug, Clone, Copy)]
 pub struct Proxied;
 

@@ -30,7 +30,7 @@ use super::{
     pool::{Pool, PooledBody, SendError},
     Proxied,
 };
-use crate::telemetry::metrics::{GroupLabels, KindLabels, Metrics, StreamMetricsBody};
+use crate::telemetry::metrics::{KindLabels, Metrics, StreamMetricsBody};
 use crate::{
     config::{ConfigError, LibreChatConfig},
     error::ApiError,
@@ -161,12 +161,7 @@ impl Upstream {
                 return Err(failure.into());
             }
         }
-        metrics
-            .upstream_duration
-            .get_or_create(&GroupLabels {
-                route_group: "chat",
-            })
-            .observe(started.elapsed().as_secs_f64());
+        metrics.chat_upstream(started.elapsed().as_secs_f64());
         let kind = match &result {
             Err(ApiError::LibreChatTimeout) => Some("timeout"),
             Err(_) => Some("unreachable"),
@@ -250,7 +245,11 @@ impl Upstream {
         } else {
             Body::new(body)
         };
-        parts.extensions.insert(Proxied);
+        // Only error answers are looked at by the edge (`problem_shape`); marking every answer
+        // would allocate an extensions map per request.
+        if parts.status.as_u16() >= 400 {
+            parts.extensions.insert(Proxied);
+        }
         axum::response::Response::from_parts(parts, body)
     }
 }

@@ -101,7 +101,7 @@ pub async fn authenticate(
         let token = bearer_token(parts).ok_or(ApiError::Unauthenticated)?;
         let identity = auth.verifier.verify(token).await?;
         return Ok(Authenticated {
-            user: UserInfo::from(&identity),
+            user: UserInfo::from(identity),
             session: None,
         });
     }

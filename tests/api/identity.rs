@@ -144,10 +144,29 @@ async fn a_token_is_decoded_once_then_remembered_but_a_tampered_copy_is_not() {
     }
     assert_eq!(v.decodes(), 4, "a refused token is never remembered");
 
+    // The remembered token's own signature under another payload: the same tail (the cache
+    // hashes only the tail) but not the same token, so decoded and refused.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    parts[1] = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        json!({"user_id": "1", "exp": now() + 300}).to_string(),
+    );
+    let same_tail = parts.join(".");
+    assert_eq!(same_tail[same_tail.len() - 32..], token[token.len() - 32..]);
+    assert!(matches!(
+        v.verify(&same_tail).await,
+        Err(VerifyError::BadSignature)
+    ));
+    assert_eq!(
+        v.decodes(),
+        5,
+        "a token sharing a remembered tail is decoded"
+    );
+
     let other = idp.mint_access(43, Duration::from_secs(300));
     assert_eq!(v.verify(&other).await.expect("valid").user_id, "43");
     assert_eq!(v.verify(&token).await.expect("still").user_id, "42");
-    assert_eq!(v.decodes(), 5);
+    assert_eq!(v.decodes(), 6);
 }
 
 #[tokio::test]
