@@ -10,7 +10,7 @@ use axum::{
     routing::{any, delete, get, on, post},
     Router,
 };
-use tower::ServiceBuilder;
+use tower::{util::Either, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
@@ -26,20 +26,20 @@ use crate::{
 };
 
 /// The main listener's service. Outside in: the edge (panics as a JSON 500, request id, log span,
-/// metrics, JSON problem shape); CORS; the warm lane of `/api/chat/*` (src/proxy/lane.rs:
+/// metrics, JSON problem shape); CORS, when origins are allowed (`csrf.allowed_origins`); the warm lane of `/api/chat/*` (src/proxy/lane.rs:
 /// callers known without a session read are forwarded from there, everyone else continues); the
 /// router below.
 pub fn app(state: AppState) -> App {
     let lane = ChatLaneLayer::new(state.proxy.clone(), &state.config.cookie_name());
     ServiceBuilder::new()
         .layer(edge::EdgeLayer::new(state.metrics.clone()))
-        .layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
+        .option_layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
         .layer(lane)
         .service(router(state))
 }
 
 /// The service [`app`] builds (what `serve` runs on the main listener).
-pub type App = edge::Edge<Cors<ChatLane<Router>>>;
+pub type App = edge::Edge<Either<Cors<ChatLane<Router>>, ChatLane<Router>>>;
 
 pub fn router(state: AppState) -> Router {
     // Serving: a request never waits for Redis to connect (503 meanwhile).
@@ -149,20 +149,21 @@ fn session_layer(state: &AppState) -> SessionManagerLayer<BffSessionStore> {
         .with_path("/")
 }
 
-/// Credentialed CORS for the allowlisted origins only; none configured → no CORS headers. The
-/// CSRF header allowed is the configured one (`csrf.header_name`).
-fn cors_layer(csrf: &CsrfPolicy, csrf_header: &str) -> CorsLayer {
+/// Credentialed CORS for the allowlisted origins only; none configured → no CORS layer at all (it
+/// would only add `Vary` to every response, at a cost on every request). The CSRF header allowed
+/// is the configured one (`csrf.header_name`).
+fn cors_layer(csrf: &CsrfPolicy, csrf_header: &str) -> Option<CorsLayer> {
     let origins: Vec<HeaderValue> = csrf
         .allowed_origins()
         .filter_map(|o| HeaderValue::from_str(o).ok())
         .collect();
     if origins.is_empty() {
-        return CorsLayer::new();
+        return None;
     }
     // Validated at load (`csrf.header_name`); the default stands in should it ever not parse.
     let csrf_header =
         HeaderName::from_bytes(csrf_header.as_bytes()).unwrap_or(HeaderName::from_static("x-csrf"));
-    CorsLayer::new()
+    let layer = CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_credentials(true)
         .allow_methods([
@@ -180,5 +181,6 @@ fn cors_layer(csrf: &CsrfPolicy, csrf_header: &str) -> CorsLayer {
             csrf_header,
             HeaderName::from_static("x-request-id"),
         ])
-        .max_age(Duration::from_secs(600))
+        .max_age(Duration::from_secs(600));
+    Some(layer)
 }

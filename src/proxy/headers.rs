@@ -105,12 +105,12 @@ pub fn rewrite_request(
     headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
-/// Filters LibreChat's response headers in place for the client.
-pub fn filter_response(headers: &mut HeaderMap, request_id: &HeaderValue) {
+/// Filters LibreChat's response headers in place for the client. (The edge sets `X-Request-Id`
+/// on every response, LibreChat's included.)
+pub fn filter_response(headers: &mut HeaderMap) {
     strip(headers, |name| {
         is_hop_by_hop(name) || name == header::SET_COOKIE
     });
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
 }
 
 /// An address as a header value, formatted without `fmt` for IPv4 (this runs on every proxied
@@ -229,10 +229,10 @@ mod tests {
         res.insert("connection", HeaderValue::from_static("x-upstream-hop"));
         res.insert("x-upstream-hop", v.clone());
         res.insert("content-type", v.clone());
-        filter_response(&mut res, &id);
+        filter_response(&mut res);
         let mut left: Vec<&str> = res.keys().map(|k| k.as_str()).collect();
         left.sort_unstable();
-        assert_eq!(left, ["content-type", "x-request-id"]);
+        assert_eq!(left, ["content-type"]);
     }
 
     #[test]

@@ -190,9 +190,7 @@ impl Proxy {
         }
 
         // 5. Filter the response and stream it back.
-        Ok(self
-            .upstream
-            .into_client_response(res, &request_id, &self.metrics))
+        Ok(self.upstream.into_client_response(res, &self.metrics))
     }
 
     /// The user's LibreChat token. No usable account yet: make sure a provisioning job exists

@@ -16,7 +16,7 @@ use std::{
 
 use axum::{
     body::{Body, Bytes},
-    http::{uri::Scheme, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Uri},
+    http::{uri::Scheme, HeaderMap, HeaderName, Method, Request, Response, Uri},
 };
 use http_body::{Frame, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -230,11 +230,10 @@ impl Upstream {
     pub fn into_client_response(
         &self,
         res: Response<PooledBody>,
-        request_id: &HeaderValue,
         metrics: &Arc<Metrics>,
     ) -> axum::response::Response {
         let (mut parts, body) = res.into_parts();
-        headers::filter_response(&mut parts.headers, request_id);
+        headers::filter_response(&mut parts.headers);
         let is_stream = parts
             .headers
             .get(axum::http::header::CONTENT_TYPE)

@@ -873,7 +873,9 @@ async fn methods_outside_the_proxied_set_are_405_json_with_allow() {
         assert!(!allow.contains("TRACE"), "{allow}");
     }
     assert!(w.lc.requests().is_empty(), "nothing reached LibreChat");
-    // The methods in the set are forwarded; OPTIONS is answered by the BFF's CORS layer.
+    // The methods in the set are forwarded. No CORS origins are configured, so there is no CORS
+    // layer and OPTIONS goes to LibreChat like the rest (a browser's preflight carries no
+    // credentials: 401, not forwarded).
     for method in ["GET", "HEAD", "OPTIONS"] {
         let reply = raw(&bff, method, "/api/chat/convos", &bearer).await;
         assert_ne!(reply.status, 405, "{method}");
@@ -884,7 +886,24 @@ async fn methods_outside_the_proxied_set_are_405_json_with_allow() {
             .filter(|r| r.path == "/api/convos")
             .map(|r| r.method.to_string())
             .collect();
-    assert_eq!(forwarded, ["GET", "HEAD"]);
+    assert_eq!(forwarded, ["GET", "HEAD", "OPTIONS"]);
+    let mut browser = bff.client();
+    browser.csrf = false;
+    browser.origin = Some("https://evil.example".into());
+    let preflight = browser
+        .send(reqwest::Method::OPTIONS, "/api/chat/convos", None, None)
+        .await;
+    assert_eq!(preflight.status, 401);
+    assert!(preflight
+        .headers
+        .get("access-control-allow-origin")
+        .is_none());
+    let to_convos =
+        w.lc.requests()
+            .iter()
+            .filter(|r| r.path == "/api/convos")
+            .count();
+    assert_eq!(to_convos, 3, "the preflight is not forwarded");
 }
 
 #[tokio::test]
