@@ -6,7 +6,10 @@
 //! - **throughput**: `GET /api/chat/convos` loaded by `wrk -t1 --latency` at each of
 //!   `--connections` (8,64,256), `--rounds` times, the targets alternating within each round:
 //!   the upstream itself (nginx `return 200` with a LibreChat-like JSON: the limit), nginx
-//!   `proxy_pass` with a keep-alive upstream pool, the BFF with a cookie session in a real Redis
+//!   `proxy_pass` with a keep-alive upstream pool, a bare hyper proxy (this binary run with
+//!   `--bare-proxy LISTEN ORIGIN`: hyper's server and hyper-util's pooled client on one
+//!   current-thread runtime per core, like the BFF, with no auth, logging or metrics: the floor
+//!   of the BFF's stack), the BFF with a cookie session in a real Redis
 //!   (read once, then from the replica's in-process copy), and the BFF with a Bearer identity JWT. Per run:
 //!   req/s, p50/p99, the server's CPU per request (utime+stime of every thread, from
 //!   `/proc/PID/stat`) and its context switches per request (voluntary + involuntary, summed over
@@ -897,12 +900,27 @@ struct Target {
 
 const T_DIRECT: &str = "upstream direct (the limit)";
 const T_NGINX: &str = "nginx `proxy_pass`, keep-alive pool, no auth";
+const T_BARE: &str = "bare hyper proxy, no auth (the stack's floor)";
 const T_COOKIE: &str = "librechat-bff, cookie session (Redis store)";
 const T_BEARER: &str = "librechat-bff, Bearer identity JWT";
 
 async fn throughput(world: &World, report: &mut Report) {
     let o = &world.opts;
     let (mut nginx, nginx_port) = world.nginx_proxy("nginx proxy");
+    let bare_port = free_port();
+    let mut bare = spawn(
+        "bare proxy",
+        {
+            let mut cmd = Command::new(std::env::current_exe().expect("this binary"));
+            cmd.arg("--bare-proxy")
+                .arg(format!("127.0.0.1:{bare_port}"))
+                .arg(format!("127.0.0.1:{}", world.origin_port));
+            cmd
+        },
+        world.dir.path(),
+        &[],
+        bare_port,
+    );
     let (mut bff, bff_port, cookie) = world
         .bff(
             "bff (throughput)",
@@ -922,6 +940,12 @@ async fn throughput(world: &World, report: &mut Report) {
             url: format!("http://127.0.0.1:{nginx_port}/api/chat/convos"),
             headers: vec![ua.clone()],
             pid: nginx.pid(),
+        },
+        Target {
+            name: T_BARE,
+            url: format!("http://127.0.0.1:{bare_port}/api/chat/convos"),
+            headers: vec![ua.clone()],
+            pid: bare.pid(),
         },
         Target {
             name: T_COOKIE,
@@ -995,6 +1019,7 @@ async fn throughput(world: &World, report: &mut Report) {
     .await
     .expect("wrk thread");
     nginx.check_alive();
+    bare.check_alive();
     bff.check_alive();
     for (round, c, name, r) in results {
         match r {
@@ -1432,7 +1457,7 @@ impl Report {
             );
             md.push_str("| target | conns | req/s | p50 | p99 | server CPU per request | context switches per request | Redis commands per request |\n|---|---|---|---|---|---|---|---|\n");
             for &c in &o.connections {
-                for name in [T_DIRECT, T_NGINX, T_COOKIE, T_BEARER] {
+                for name in [T_DIRECT, T_NGINX, T_BARE, T_COOKIE, T_BEARER] {
                     let s = self.of(c, name);
                     if s.is_empty() {
                         continue;
@@ -1462,18 +1487,21 @@ impl Report {
                     );
                 }
             }
-            md.push_str("\nRatios against nginx `proxy_pass` (per round, median; goal at 64 connections: req/s ≥ 0.80×, p99 ≤ nginx + 1 ms, CPU ≤ 1.5×):\n\n");
-            md.push_str("| conns | cookie req/s | Bearer req/s | cookie p99 − nginx | Bearer p99 − nginx | cookie CPU/req | Bearer CPU/req |\n|---|---|---|---|---|---|---|\n");
+            md.push_str("\nRatios against nginx `proxy_pass` (per round, median; goal at 64 connections: req/s ≥ 0.80×, p99 ≤ nginx + 1 ms, CPU ≤ 1.5×); the bare hyper proxy's, the floor of the BFF's stack, alongside:\n\n");
+            md.push_str("| conns | cookie req/s | Bearer req/s | bare req/s | cookie p99 − nginx | Bearer p99 − nginx | bare p99 − nginx | cookie CPU/req | Bearer CPU/req | bare CPU/req |\n|---|---|---|---|---|---|---|---|---|---|\n");
             for &c in &o.connections {
                 let _ = writeln!(
                     md,
-                    "| {c} | {:.2}× | {:.2}× | {:+.2} ms | {:+.2} ms | {:.2}× | {:.2}× |",
+                    "| {c} | {:.2}× | {:.2}× | {:.2}× | {:+.2} ms | {:+.2} ms | {:+.2} ms | {:.2}× | {:.2}× | {:.2}× |",
                     self.ratio(c, T_COOKIE, T_NGINX, |s| s.rps),
                     self.ratio(c, T_BEARER, T_NGINX, |s| s.rps),
+                    self.ratio(c, T_BARE, T_NGINX, |s| s.rps),
                     self.diff(c, T_COOKIE, T_NGINX, |s| s.p99_ms),
                     self.diff(c, T_BEARER, T_NGINX, |s| s.p99_ms),
+                    self.diff(c, T_BARE, T_NGINX, |s| s.p99_ms),
                     self.ratio(c, T_COOKIE, T_NGINX, |s| s.cpu_us),
                     self.ratio(c, T_BEARER, T_NGINX, |s| s.cpu_us),
+                    self.ratio(c, T_BARE, T_NGINX, |s| s.cpu_us),
                 );
             }
             let redis = |name: &str| {
@@ -1619,6 +1647,13 @@ fn ensure_tools() {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--bare-proxy") {
+        match (args.get(2), args.get(3)) {
+            (Some(listen), Some(origin)) => bare_proxy(listen, origin),
+            _ => die("--bare-proxy LISTEN ORIGIN"),
+        }
+    }
     let opts = Opts::parse();
     let benching = std::env::args().any(|a| a == "--bench");
     if !benching && std::env::var("SKIP_BENCH_SMOKE").is_ok_and(|v| v == "1") {
@@ -1685,4 +1720,98 @@ fn main() {
         }
         std::process::exit(1);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The floor: a bare hyper proxy
+// ---------------------------------------------------------------------------------------------
+
+/// `--bare-proxy LISTEN ORIGIN`: `/api/chat/{rest}` → `http://ORIGIN/api/{rest}` with hyper's
+/// HTTP/1 server and hyper-util's pooled client, one current-thread runtime per core (as the BFF
+/// runs), connections handed out round-robin; `Cookie` and `Host` dropped, an `Authorization`
+/// added; no auth, logging or metrics. What the BFF's stack costs before the BFF does anything.
+fn bare_proxy(listen: &str, origin: &str) -> ! {
+    let listener = std::net::TcpListener::bind(listen).unwrap_or_else(|e| die(&format!("{e}")));
+    listener.set_nonblocking(true).expect("nonblocking");
+    let origin: &'static str = Box::leak(origin.to_owned().into_boxed_str());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut queues = Vec::new();
+    for _ in 0..cores {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        queues.push(tx);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let mut http = HttpConnector::new();
+                http.set_nodelay(true);
+                let client: Client<HttpConnector, Incoming> =
+                    Client::builder(TokioExecutor::new()).build(http);
+                while let Some(socket) = rx.recv().await {
+                    let _ = socket.set_nodelay(true);
+                    let Ok(socket) = tokio::net::TcpStream::from_std(socket) else {
+                        continue;
+                    };
+                    let client = client.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let client = client.clone();
+                            async move {
+                                let (mut parts, body) = req.into_parts();
+                                let rest =
+                                    parts.uri.path().strip_prefix("/api/chat/").unwrap_or("");
+                                let mut pq = String::with_capacity(rest.len() + 5);
+                                pq.push_str("/api/");
+                                pq.push_str(rest);
+                                parts.uri = hyper::Uri::builder()
+                                    .scheme("http")
+                                    .authority(origin)
+                                    .path_and_query(pq)
+                                    .build()
+                                    .expect("uri");
+                                parts.headers.remove(hyper::header::COOKIE);
+                                parts.headers.remove(hyper::header::HOST);
+                                parts.headers.insert(
+                                    hyper::header::AUTHORIZATION,
+                                    hyper::header::HeaderValue::from_static("Bearer x"),
+                                );
+                                let res = client.request(Request::from_parts(parts, body)).await;
+                                Ok::<_, Infallible>(match res {
+                                    Ok(r) => r.map(|b| b.boxed()),
+                                    Err(_) => Response::builder()
+                                        .status(502)
+                                        .body(Empty::new().map_err(|never| match never {}).boxed())
+                                        .expect("502"),
+                                })
+                            }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(socket), service)
+                            .await;
+                    });
+                }
+            });
+        });
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        let mut next = 0usize;
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(socket) = socket.into_std() else {
+                continue;
+            };
+            let _ = socket.set_nonblocking(true);
+            let _ = queues[next % queues.len()].send(socket);
+            next += 1;
+        }
+    })
 }
