@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use axum::{
-    http::{header, HeaderName, HeaderValue, Method},
+    http::{header, HeaderName, HeaderValue},
     middleware,
     routing::{any, delete, get, on, post},
     Router,
@@ -166,14 +166,8 @@ fn cors_layer(csrf: &CsrfPolicy, csrf_header: &str) -> Option<CorsLayer> {
     let layer = CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_credentials(true)
-        .allow_methods([
-            Method::GET,
-            Method::POST,
-            Method::PUT,
-            Method::PATCH,
-            Method::DELETE,
-            Method::OPTIONS,
-        ])
+        // What `/api/chat/*` forwards (GET covers HEAD); the BFF's own routes use fewer.
+        .allow_methods(proxy::FORWARDED_METHODS)
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,

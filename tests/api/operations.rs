@@ -755,6 +755,19 @@ async fn a_custom_csrf_header_name_is_allowed_by_cors_required_and_never_forward
         allowed.split(',').any(|h| h.trim() == "x-requested-by"),
         "allowed headers: {allowed}"
     );
+    let methods = res
+        .headers()
+        .get("access-control-allow-methods")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    for m in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+        assert!(
+            methods.split(',').any(|a| a.trim() == m),
+            "{m} in {methods}"
+        );
+    }
+    assert!(!methods.contains("TRACE"), "{methods}");
     assert_eq!(
         res.headers()
             .get("access-control-allow-origin")
