@@ -18,11 +18,16 @@ use tokio::time::{Instant, Sleep};
 #[error("upstream body sent nothing for {0:?}")]
 pub struct IdleTimeout(Duration);
 
-/// Ends the body with an error when no frame arrives for `idle`.
+/// Ends the body with an error when LibreChat sends nothing for `idle` while the body is being
+/// read. The clock starts when the body first has to wait, and restarts at each wait after a
+/// frame: a response that is all there when read (most JSON answers) never arms a timer, and a
+/// client slow to read does not use up LibreChat's time.
 pub struct IdleTimeoutBody<B> {
     inner: B,
     idle: Duration,
-    timer: Pin<Box<Sleep>>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// A frame came since the timer was last armed.
+    moved: bool,
 }
 
 impl<B> IdleTimeoutBody<B> {
@@ -30,7 +35,8 @@ impl<B> IdleTimeoutBody<B> {
         Self {
             inner,
             idle,
-            timer: Box::pin(tokio::time::sleep(idle)),
+            timer: None,
+            moved: false,
         }
     }
 }
@@ -50,14 +56,26 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.moved = true;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(this.idle))))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if this.moved {
+                            timer.as_mut().reset(Instant::now() + idle);
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep(idle))),
+                };
+                this.moved = false;
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(IdleTimeout(idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -201,5 +219,85 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{IdleTimeout, IdleTimeoutBody};
+    use axum::body::Bytes;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use std::{convert::Infallible, time::Duration};
+    use tokio::{sync::mpsc, time::Instant};
+
+    fn channel_body(
+        idle: Duration,
+    ) -> (
+        mpsc::Sender<&'static str>,
+        IdleTimeoutBody<impl http_body::Body<Data = Bytes, Error = Infallible> + Unpin>,
+    ) {
+        let (tx, rx) = mpsc::channel::<&'static str>(8);
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok::<_, Infallible>(Frame::data(Bytes::from_static(chunk.as_bytes()))),
+                rx,
+            ))
+        });
+        (
+            tx,
+            IdleTimeoutBody::new(StreamBody::new(Box::pin(frames)), idle),
+        )
+    }
+
+    async fn next_data<B>(body: &mut B) -> Bytes
+    where
+        B: http_body::Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Debug,
+    {
+        body.frame()
+            .await
+            .expect("a frame")
+            .expect("not an error")
+            .into_data()
+            .expect("data")
+    }
+
+    #[tokio::test]
+    async fn the_idle_clock_runs_only_while_the_body_waits_for_librechat() {
+        let idle = Duration::from_millis(200);
+        let (tx, mut body) = channel_body(idle);
+        tx.send("a").await.expect("send");
+        // A client slow to read: longer than the idle timeout, while LibreChat's frame waits.
+        tokio::time::sleep(idle * 2).await;
+        assert_eq!(next_data(&mut body).await, "a");
+        assert!(body.timer.is_none(), "nothing waited yet: no timer armed");
+
+        // Frames closer together than the timeout keep the body alive, however long it runs.
+        let sender = tokio::spawn({
+            let tx = tx.clone();
+            async move {
+                for chunk in ["b", "c", "d", "e", "f", "g", "h", "i"] {
+                    tokio::time::sleep(idle / 4).await;
+                    tx.send(chunk).await.expect("send");
+                }
+            }
+        });
+        for expected in ["b", "c", "d", "e", "f", "g", "h", "i"] {
+            assert_eq!(next_data(&mut body).await, expected);
+        }
+        sender.await.expect("sender");
+
+        // Then LibreChat goes quiet: the body ends with the idle error, `idle` after it waits.
+        let waiting = Instant::now();
+        let end = tokio::time::timeout(idle * 20, body.frame())
+            .await
+            .expect("the body ends")
+            .expect("a last frame");
+        let error = end.expect_err("an idle error");
+        assert!(error.is::<IdleTimeout>(), "{error}");
+        assert!(waiting.elapsed() >= idle, "{:?}", waiting.elapsed());
+        drop(tx);
     }
 }
