@@ -8,8 +8,8 @@
 //!   the upstream itself (nginx `return 200` with a LibreChat-like JSON: the limit), nginx
 //!   `proxy_pass` with a keep-alive upstream pool, a bare hyper proxy (this binary run with
 //!   `--bare-proxy LISTEN ORIGIN`: hyper's server and hyper-util's pooled client on one
-//!   current-thread runtime per core, like the BFF, with no auth, logging or metrics: the floor
-//!   of the BFF's stack), the BFF with a cookie session in a real Redis
+//!   current-thread runtime per core like the BFF, but hyper-util's pool rather than the BFF's,
+//!   glibc's malloc, and no auth, logging or metrics: the floor of the BFF's stack), the BFF with a cookie session in a real Redis
 //!   (read once, then from the replica's in-process copy), and the BFF with a Bearer identity JWT. Per run:
 //!   req/s, p50/p99, the server's CPU per request (utime+stime of every thread, from
 //!   `/proc/PID/stat`) and its context switches per request (voluntary + involuntary, summed over

@@ -26,9 +26,9 @@ use crate::{
 };
 
 /// The main listener's service. Outside in: the edge (panics as a JSON 500, request id, log span,
-/// metrics, JSON problem shape); CORS, when origins are allowed (`csrf.allowed_origins`); the warm lane of `/api/chat/*` (src/proxy/lane.rs:
-/// callers known without a session read are forwarded from there, everyone else continues); the
-/// router below.
+/// metrics, JSON problem shape); CORS, when origins are allowed (`csrf.allowed_origins`); the
+/// warm lane of `/api/chat/*` (src/proxy/lane.rs: callers known without a session read are
+/// forwarded from there, everyone else continues); the router below.
 pub fn app(state: AppState) -> App {
     let lane = ChatLaneLayer::new(state.proxy.clone(), &state.config.cookie_name());
     ServiceBuilder::new()

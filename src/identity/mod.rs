@@ -23,12 +23,7 @@ pub struct UserInfo {
 
 impl From<&VerifiedIdentity> for UserInfo {
     fn from(v: &VerifiedIdentity) -> Self {
-        Self {
-            id: v.user_id.clone(),
-            email: v.email.clone(),
-            name: v.name.clone(),
-            groups: v.groups.clone(),
-        }
+        Self::from(v.clone())
     }
 }
 

@@ -194,7 +194,11 @@ impl Pool {
             }
         }));
         if !self.reaping[slot].swap(true, Ordering::Relaxed) {
-            runtime.spawn(reap(Arc::downgrade(self), slot));
+            let reaping = Reaping {
+                pool: Arc::downgrade(self),
+                slot,
+            };
+            runtime.spawn(reap(reaping));
         }
         Ok(Conn {
             sender,
@@ -292,17 +296,36 @@ impl hyper::rt::Write for Io {
     }
 }
 
-/// Closes a core's connections that have been idle too long, until the pool is gone.
-async fn reap(pool: Weak<Pool>, slot: usize) {
-    let period = match pool.upgrade() {
+/// A slot's reaper while it runs: when its task ends, also by its runtime going away (a test's,
+/// or the "other threads" slot's), the next connection made for the slot starts another.
+struct Reaping {
+    pool: Weak<Pool>,
+    slot: usize,
+}
+
+impl Drop for Reaping {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.upgrade() {
+            pool.reaping[self.slot].store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Closes a slot's connections that have been idle too long, until the pool is gone.
+async fn reap(reaping: Reaping) {
+    let period = match reaping.pool.upgrade() {
         Some(p) => (p.idle_timeout / 2).max(Duration::from_millis(100)),
         None => return,
     };
     loop {
         tokio::time::sleep(period).await;
-        let Some(pool) = pool.upgrade() else { return };
+        let Some(pool) = reaping.pool.upgrade() else {
+            return;
+        };
         let expired: Vec<Idle> = {
-            let mut idle = pool.idle[slot].lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = pool.idle[reaping.slot]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let timeout = pool.idle_timeout;
             let (keep, expired) = std::mem::take(&mut *idle)
                 .into_iter()
@@ -541,6 +564,40 @@ mod tests {
             .await
             .expect("the idle connection is closed");
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// The "other threads" slot serves whichever runtime calls: when the runtime its reaper ran
+    /// on is gone, the next connection made for the slot starts another reaper.
+    #[test]
+    fn a_reaper_gone_with_its_runtime_is_started_again() {
+        let server = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("server runtime");
+        let mut up = server.block_on(upstream(false));
+        let pool = pool(up.port, Duration::from_millis(300));
+        let caller = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        let first = caller();
+        assert_eq!(first.block_on(get_to_end(&pool)), "hello");
+        // Its connection and its reaper go with it.
+        drop(first);
+        caller().block_on(async {
+            tokio::time::timeout(LONG, up.closed.recv())
+                .await
+                .expect("the first runtime's connection is closed");
+            assert_eq!(get_to_end(&pool).await, "hello");
+            assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+            tokio::time::timeout(Duration::from_secs(10), up.closed.recv())
+                .await
+                .expect("the idle connection is reaped on this runtime");
+            assert_eq!(pool.idle_count(), 0);
+        });
     }
 
     #[tokio::test]
