@@ -17,6 +17,9 @@ use crate::error::ApiError;
 pub struct ClientInfo {
     pub ip: IpAddr,
     pub user_agent: HeaderValue,
+    /// `user_agent` is not the request's own single `User-Agent` (the browser substitute, or a
+    /// caller that is not a request): a forwarded request must have it set.
+    pub user_agent_substituted: bool,
     /// Scheme and host the client addressed (for `X-Forwarded-Proto/Host`).
     pub proto: HeaderValue,
     pub host: Option<HeaderValue>,
@@ -73,11 +76,16 @@ impl EndUsers {
     pub fn client_info(&self, peer: IpAddr, headers: &HeaderMap) -> ClientInfo {
         let trusted = is_trusted(peer, &self.trusted_proxies);
         let ip = self.client_ip(peer, headers);
-        let user_agent = headers
-            .get(header::USER_AGENT)
-            .filter(|ua| ua.to_str().is_ok_and(is_browser_user_agent))
-            .cloned()
-            .unwrap_or_else(|| self.browser_user_agent.clone());
+        let mut agents = headers.get_all(header::USER_AGENT).iter();
+        let clients = agents
+            .next()
+            .filter(|ua| ua.to_str().is_ok_and(is_browser_user_agent));
+        let (user_agent, user_agent_substituted) = match clients {
+            Some(ua) if agents.next().is_none() => (ua.clone(), false),
+            // A second value is not forwarded either: LibreChat sees exactly one.
+            Some(ua) => (ua.clone(), true),
+            None => (self.browser_user_agent.clone(), true),
+        };
         let proto = trusted
             .then(|| headers.get("x-forwarded-proto").cloned())
             .flatten()
@@ -89,6 +97,7 @@ impl EndUsers {
         ClientInfo {
             ip,
             user_agent,
+            user_agent_substituted,
             proto,
             host,
         }
@@ -177,6 +186,30 @@ mod tests {
         assert_eq!(ip, peer);
         let ip = end_user_ip(peer, &xff("[2001:db8::1]:443"), &trusted);
         assert_eq!(ip, "2001:db8::1".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[test]
+    fn only_a_single_browser_agent_is_the_clients_to_forward() {
+        let users = EndUsers::new(vec![], HeaderValue::from_static("Mozilla/5.0 Chrome/1"));
+        let peer: IpAddr = "192.0.2.1".parse().expect("ip");
+        let firefox = HeaderValue::from_static("Mozilla/5.0 (X11) Firefox/1");
+        let mut h = HeaderMap::new();
+        let info = users.client_info(peer, &h);
+        assert!(info.user_agent_substituted);
+        assert_eq!(info.user_agent, "Mozilla/5.0 Chrome/1");
+        h.insert(header::USER_AGENT, HeaderValue::from_static("curl/8"));
+        let info = users.client_info(peer, &h);
+        assert!(info.user_agent_substituted);
+        assert_eq!(info.user_agent, "Mozilla/5.0 Chrome/1");
+        h.insert(header::USER_AGENT, firefox.clone());
+        let info = users.client_info(peer, &h);
+        assert!(!info.user_agent_substituted);
+        assert_eq!(info.user_agent, firefox);
+        // Two values: LibreChat must see one, so it is set (to the first, a browser).
+        h.append(header::USER_AGENT, HeaderValue::from_static("curl/8"));
+        let info = users.client_info(peer, &h);
+        assert!(info.user_agent_substituted);
+        assert_eq!(info.user_agent, firefox);
     }
 
     #[test]

@@ -275,6 +275,7 @@ impl Provisioner {
             caller: ClientInfo {
                 ip,
                 user_agent: browser_user_agent,
+                user_agent_substituted: true,
                 proto: HeaderValue::from_static("http"),
                 host: None,
             },

@@ -31,36 +31,63 @@ static CLIENT_ONLY: [HeaderName; 9] = [
 ];
 
 /// Removes every header `doomed` picks, plus the headers named in `Connection` (hop-by-hop
-/// too). One pass over the names present, then removals of only those: a request carries a
-/// handful of headers, and this runs twice per proxied request.
-fn strip(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+/// too) unless `vouched` (a header the BFF itself sends on: a client cannot have it dropped).
+/// One pass over the names present, then removals of only those: a request carries a handful of
+/// headers, and this runs twice per proxied request.
+fn strip(
+    headers: &mut HeaderMap,
+    doomed: impl Fn(&HeaderName) -> bool,
+    vouched: impl Fn(&HeaderName) -> bool,
+) {
     // The names to remove; on the stack for the usual few (no allocation per request).
-    let mut few: [Option<HeaderName>; 8] = Default::default();
-    let mut more: Vec<HeaderName> = Vec::new();
-    let mut found = 0;
+    let mut doomed_names = Names::default();
     let mut connection = false;
     for name in headers.keys() {
         if doomed(name) {
             connection |= name == header::CONNECTION;
-            match few.get_mut(found) {
-                Some(slot) => *slot = Some(name.clone()),
-                None => more.push(name.clone()),
-            }
-            found += 1;
+            doomed_names.push(name.clone());
         }
     }
     if connection {
-        more.extend(
-            headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()),
-        );
+        let named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            // `keep-alive`, what browsers and Node send, is hop-by-hop anyway: no parse.
+            .filter(|n| !n.is_empty() && !n.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok());
+        for name in named {
+            if !doomed(&name) && !vouched(&name) {
+                doomed_names.push(name);
+            }
+        }
     }
-    for name in few.iter().flatten().chain(&more) {
+    for name in doomed_names.iter() {
         headers.remove(name);
+    }
+}
+
+/// A few header names on the stack, any more on the heap.
+#[derive(Default)]
+struct Names {
+    few: [Option<HeaderName>; 8],
+    len: usize,
+    more: Vec<HeaderName>,
+}
+
+impl Names {
+    fn push(&mut self, name: HeaderName) {
+        match self.few.get_mut(self.len) {
+            Some(slot) => *slot = Some(name),
+            None => self.more.push(name),
+        }
+        self.len += 1;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &HeaderName> {
+        self.few.iter().flatten().chain(&self.more)
     }
 }
 
@@ -68,21 +95,48 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(name)
 }
 
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Rewrites the client's request headers in place for LibreChat. `csrf_header` is the configured
 /// CSRF header (`csrf.header_name`), which is the BFF's business only, like `X-CSRF`.
+/// `request_id`: the id to send when the request carries none yet (the edge sets it on every
+/// request of the main listener). `Host` is left for the pool, which always sets LibreChat's.
+/// `Connection` cannot name away the `User-Agent` and request id the BFF vouches for.
+///
+/// A header the BFF sets anyway is not removed first (an insert replaces every value of it);
+/// one it keeps (the client's single browser `User-Agent`, the edge's request id) is not set
+/// again: each costs a hash lookup on every proxied request.
 pub fn rewrite_request(
     headers: &mut HeaderMap,
     token: Option<&UpstreamToken>,
     client: &ClientInfo,
-    request_id: &HeaderValue,
+    request_id: Option<&HeaderValue>,
     csrf_header: &HeaderName,
 ) {
-    strip(headers, |name| {
-        is_hop_by_hop(name)
-            || CLIENT_ONLY.contains(name)
-            || name == csrf_header
-            || name.as_str().starts_with("x-forwarded-")
-    });
+    strip(
+        headers,
+        |name| {
+            if is_hop_by_hop(name) || name == csrf_header {
+                return true;
+            }
+            if *name == header::AUTHORIZATION {
+                return token.is_none();
+            }
+            if *name == header::HOST {
+                return false;
+            }
+            if CLIENT_ONLY.contains(name) {
+                return true;
+            }
+            let set_below = *name == X_FORWARDED_FOR
+                || *name == X_FORWARDED_PROTO
+                || (*name == X_FORWARDED_HOST && client.host.is_some());
+            !set_below && name.as_str().starts_with("x-forwarded-")
+        },
+        |name| *name == header::USER_AGENT || name == X_REQUEST_ID,
+    );
     // The headers below, in one allocation.
     headers.reserve(6);
     if let Some(token) = token {
@@ -90,27 +144,27 @@ pub fn rewrite_request(
     }
     // LibreChat trusts one hop and keys limiters and bans on the right-most entry: send exactly
     // the end user's address.
-    headers.insert(
-        HeaderName::from_static("x-forwarded-for"),
-        ip_header(client.ip),
-    );
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        client.proto.clone(),
-    );
+    headers.insert(X_FORWARDED_FOR.clone(), ip_header(client.ip));
+    headers.insert(X_FORWARDED_PROTO.clone(), client.proto.clone());
     if let Some(host) = &client.host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), host.clone());
     }
-    headers.insert(header::USER_AGENT, client.user_agent.clone());
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    if client.user_agent_substituted {
+        headers.insert(header::USER_AGENT, client.user_agent.clone());
+    }
+    if let Some(id) = request_id {
+        headers.insert(X_REQUEST_ID.clone(), id.clone());
+    }
 }
 
 /// Filters LibreChat's response headers in place for the client. (The edge sets `X-Request-Id`
 /// on every response, LibreChat's included.)
 pub fn filter_response(headers: &mut HeaderMap) {
-    strip(headers, |name| {
-        is_hop_by_hop(name) || name == header::SET_COOKIE
-    });
+    strip(
+        headers,
+        |name| is_hop_by_hop(name) || name == header::SET_COOKIE,
+        |_| false,
+    );
 }
 
 /// An address as a header value, formatted without `fmt` for IPv4 (this runs on every proxied
@@ -159,9 +213,26 @@ fn ip_header(ip: std::net::IpAddr) -> HeaderValue {
 mod tests {
     use super::{filter_response, ip_header, rewrite_request};
 
+    use axum::http::{HeaderMap, HeaderName, HeaderValue};
+
+    fn client(user_agent_substituted: bool) -> crate::end_user::ClientInfo {
+        crate::end_user::ClientInfo {
+            ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            user_agent: HeaderValue::from_static("Mozilla/5.0 (X11) Firefox/1"),
+            user_agent_substituted,
+            proto: HeaderValue::from_static("https"),
+            host: None,
+        }
+    }
+
+    fn names(headers: &HeaderMap) -> Vec<&str> {
+        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        left
+    }
+
     #[test]
     fn every_client_only_and_hop_by_hop_header_goes_however_many_there_are() {
-        use axum::http::{HeaderMap, HeaderName, HeaderValue};
         let mut headers = HeaderMap::new();
         let v = HeaderValue::from_static("v");
         // More doomed names than the stack holds, one named by `Connection`, two values of one.
@@ -174,7 +245,6 @@ mod tests {
             "upgrade",
             "cookie",
             "authorization",
-            "host",
             "forwarded",
             "x-real-ip",
             "x-csrf",
@@ -185,6 +255,7 @@ mod tests {
             "x-forwarded-port",
             "x-my-csrf",
             "x-hop",
+            "x-hop-2",
             "accept",
             "content-type",
             "x-keep",
@@ -192,25 +263,21 @@ mod tests {
             headers.append(HeaderName::from_static(name), v.clone());
         }
         headers.append("cookie", v.clone());
-        headers.insert("connection", HeaderValue::from_static("x-hop, Keep-Alive"));
-        let client = crate::end_user::ClientInfo {
-            ip: std::net::Ipv4Addr::LOCALHOST.into(),
-            user_agent: HeaderValue::from_static("Mozilla/5.0"),
-            proto: HeaderValue::from_static("https"),
-            host: None,
-        };
+        headers.append("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("x-hop, Keep-Alive, close,, X-Hop-2"),
+        );
         let id = HeaderValue::from_static("req-1");
         rewrite_request(
             &mut headers,
             None,
-            &client,
-            &id,
+            &client(true),
+            Some(&id),
             &HeaderName::from_static("x-my-csrf"),
         );
-        let mut left: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
-        left.sort_unstable();
         assert_eq!(
-            left,
+            names(&headers),
             [
                 "accept",
                 "content-type",
@@ -221,18 +288,75 @@ mod tests {
                 "x-request-id"
             ]
         );
-        assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+        // Replaced, every value of it: exactly the end user's address.
+        let xff: Vec<_> = headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(xff, ["127.0.0.1"]);
+        assert_eq!(headers["x-request-id"], "req-1");
+        assert_eq!(headers["user-agent"], "Mozilla/5.0 (X11) Firefox/1");
 
         let mut res = HeaderMap::new();
         res.append("set-cookie", v.clone());
         res.append("set-cookie", v.clone());
-        res.insert("connection", HeaderValue::from_static("x-upstream-hop"));
+        res.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-upstream-hop"),
+        );
+        res.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         res.insert("x-upstream-hop", v.clone());
         res.insert("content-type", v.clone());
         filter_response(&mut res);
-        let mut left: Vec<&str> = res.keys().map(|k| k.as_str()).collect();
-        left.sort_unstable();
-        assert_eq!(left, ["content-type"]);
+        assert_eq!(names(&res), ["content-type"]);
+    }
+
+    #[test]
+    fn the_callers_credentials_are_replaced_and_what_the_bff_vouches_for_stays() {
+        let token = crate::librechat::UpstreamToken {
+            authorization: HeaderValue::from_static("Bearer librechat"),
+            exp: 0,
+            generation: 1,
+        };
+        let mut headers = HeaderMap::new();
+        headers.append("authorization", HeaderValue::from_static("Bearer identity"));
+        headers.append("authorization", HeaderValue::from_static("Basic eA=="));
+        headers.insert(
+            "user-agent",
+            HeaderValue::from_static("Mozilla/5.0 (X11) Firefox/1"),
+        );
+        headers.insert("x-request-id", HeaderValue::from_static("edge-id"));
+        headers.insert("host", HeaderValue::from_static("bff.example"));
+        // A hostile `Connection` cannot drop what LibreChat must see.
+        headers.insert(
+            "connection",
+            HeaderValue::from_static("user-agent, x-request-id, authorization, x-forwarded-for"),
+        );
+        rewrite_request(
+            &mut headers,
+            Some(&token),
+            &client(false),
+            None,
+            &HeaderName::from_static("x-csrf"),
+        );
+        let auth: Vec<_> = headers.get_all("authorization").iter().collect();
+        assert_eq!(auth, ["Bearer librechat"]);
+        assert_eq!(headers["user-agent"], "Mozilla/5.0 (X11) Firefox/1");
+        assert_eq!(headers["x-request-id"], "edge-id");
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1");
+        // Left for the pool, which replaces it with LibreChat's (see `pool`'s tests).
+        assert_eq!(headers["host"], "bff.example");
+        assert!(headers.get("connection").is_none());
+
+        // Without a token the caller's credentials go, every value.
+        let mut headers = HeaderMap::new();
+        headers.append("authorization", HeaderValue::from_static("Bearer identity"));
+        headers.append("authorization", HeaderValue::from_static("Basic eA=="));
+        rewrite_request(
+            &mut headers,
+            None,
+            &client(false),
+            None,
+            &HeaderName::from_static("x-csrf"),
+        );
+        assert!(headers.get("authorization").is_none());
     }
 
     #[test]

@@ -133,10 +133,8 @@ impl Proxy {
 
         // 3. Rewrite the request.
         // Set by the edge on every request of the main listener (sanitised there).
-        let request_id = match parts.headers.get(&crate::telemetry::X_REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => crate::telemetry::request_id(&parts.headers),
-        };
+        let request_id = (!parts.headers.contains_key(&crate::telemetry::X_REQUEST_ID))
+            .then(|| crate::telemetry::request_id(&parts.headers));
         let mut body =
             RequestBody::prepare(&parts, body, &self.upstream, self.body_idle_timeout).await?;
         let method = parts.method;
@@ -146,7 +144,7 @@ impl Proxy {
             &mut upstream_headers,
             token.as_ref(),
             &client,
-            &request_id,
+            request_id.as_ref(),
             &self.upstream.csrf_header,
         );
         if let Some(cookie) = cookie {
