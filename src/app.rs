@@ -2,15 +2,17 @@
 //! `/api/chat/*`; [`router`] below it, read top to bottom, has every route. Routes are grouped by
 //! who calls them.
 
-use std::time::Duration;
+use std::{convert::Infallible, net::SocketAddr, time::Duration};
 
 use axum::{
-    http::{header, HeaderName, HeaderValue},
+    body::Body,
+    extract::ConnectInfo,
+    http::{header, HeaderName, HeaderValue, Request, Response},
     middleware,
     routing::{any, delete, get, on, post},
     Router,
 };
-use tower::{util::Either, ServiceBuilder};
+use tower::{util::Either, Service, ServiceBuilder};
 use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
 use tower_sessions::{cookie::SameSite, SessionManagerLayer};
 
@@ -28,18 +30,41 @@ use crate::{
 /// The main listener's service. Outside in: the edge (panics as a JSON 500, request id, log span,
 /// metrics, JSON problem shape); CORS, when origins are allowed (`csrf.allowed_origins`); the
 /// warm lane of `/api/chat/*` (src/proxy/lane.rs: callers known without a session read are
-/// forwarded from there, everyone else continues); the router below.
-pub fn app(state: AppState) -> App {
-    let lane = ChatLaneLayer::new(state.proxy.clone(), &state.config.cookie_name());
-    ServiceBuilder::new()
-        .layer(edge::EdgeLayer::new(state.metrics.clone()))
-        .option_layer(cors_layer(&state.auth.csrf, &state.config.csrf.header_name))
-        .layer(lane)
-        .service(router(state))
+/// forwarded from there, everyone else continues); the router below. Built for each connection
+/// ([`MainApp::for_peer`]): the lane knows the peer without a per-request extension, and puts
+/// it on what it hands to the router (`ConnectInfo`).
+pub fn app(state: AppState) -> MainApp {
+    MainApp {
+        edge: edge::EdgeLayer::new(state.metrics.clone()),
+        cors: cors_layer(&state.auth.csrf, &state.config.csrf.header_name),
+        lane: ChatLaneLayer::new(state.proxy.clone(), &state.config.cookie_name()),
+        router: router(state),
+    }
 }
 
-/// The service [`app`] builds (what `serve` runs on the main listener).
+/// The layers of [`app`] and the router, put together per connection.
+#[derive(Clone)]
+pub struct MainApp {
+    edge: edge::EdgeLayer,
+    cors: Option<CorsLayer>,
+    lane: ChatLaneLayer,
+    router: Router,
+}
+
+/// The service [`app`] builds for a connection.
 pub type App = edge::Edge<Either<Cors<ChatLane<Router>>, ChatLane<Router>>>;
+
+impl ConnectionApp<Body> for MainApp {
+    type Service = App;
+
+    fn for_peer(&self, peer: SocketAddr) -> App {
+        ServiceBuilder::new()
+            .layer(self.edge.clone())
+            .option_layer(self.cors.clone())
+            .layer(self.lane.for_peer(peer))
+            .service(self.router.clone())
+    }
+}
 
 pub fn router(state: AppState) -> Router {
     // Serving: a request never waits for Redis to connect (503 meanwhile).
@@ -147,6 +172,80 @@ fn session_layer(state: &AppState) -> SessionManagerLayer<BffSessionStore> {
         .with_secure(cfg.session.cookie_secure)
         .with_same_site(SameSite::Lax)
         .with_path("/")
+}
+
+/// What a listener serves: a tower service answering every request (errors are responses).
+pub trait HttpService<B>:
+    Service<Request<Body>, Response = Response<B>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S, B> HttpService<B> for S where
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// What a listener serves, made once per accepted connection for its peer: the service can
+/// carry the peer itself instead of an extensions map being built for it on every request.
+pub trait ConnectionApp<B>: Send + Sync + 'static {
+    type Service: HttpService<B>;
+
+    fn for_peer(&self, peer: SocketAddr) -> Self::Service;
+}
+
+/// A service whose requests get their peer as axum's `ConnectInfo` (for any service that reads
+/// it from the request, like the metrics listener's router).
+#[derive(Clone)]
+pub struct PeerInExtensions<S>(pub S);
+
+impl<S, B> ConnectionApp<B> for PeerInExtensions<S>
+where
+    S: HttpService<B>,
+{
+    type Service = WithConnectInfo<S>;
+
+    fn for_peer(&self, peer: SocketAddr) -> WithConnectInfo<S> {
+        WithConnectInfo {
+            inner: self.0.clone(),
+            peer,
+        }
+    }
+}
+
+/// Puts `ConnectInfo(peer)` on every request it passes on.
+#[derive(Clone)]
+pub struct WithConnectInfo<S> {
+    inner: S,
+    peer: SocketAddr,
+}
+
+impl<S> Service<Request<Body>> for WithConnectInfo<S>
+where
+    S: Service<Request<Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        self.inner.call(req)
+    }
 }
 
 /// Credentialed CORS for the allowlisted origins only; none configured → no CORS layer at all (it

@@ -33,8 +33,9 @@ pub struct EndUsers {
     browser_user_agent: HeaderValue,
 }
 
-/// The socket peer of a request (axum's `ConnectInfo`, set by the server for every request).
-fn peer(parts: &Parts) -> Result<IpAddr, ApiError> {
+/// The socket peer of a request (axum's `ConnectInfo`, which the server or the warm lane puts
+/// on every request reaching the router).
+pub fn peer(parts: &Parts) -> Result<IpAddr, ApiError> {
     parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
@@ -48,11 +49,6 @@ impl EndUsers {
             trusted_proxies,
             browser_user_agent,
         }
-    }
-
-    /// The end user behind this request, as LibreChat must see them.
-    pub fn client_info_of(&self, parts: &Parts) -> Result<ClientInfo, ApiError> {
-        Ok(self.client_info(peer(parts)?, &parts.headers))
     }
 
     /// The [`EndUser`] behind this request, as the identity service sees them.

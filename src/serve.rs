@@ -1,15 +1,9 @@
 //! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain. The HTTP server is a
 //! hand-written accept loop over hyper (header read timeout, connection cap, TCP_NODELAY).
 
-use std::{
-    convert::Infallible, future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration,
-};
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use axum::{
-    body::{Body, Bytes},
-    extract::ConnectInfo,
-    http::{Request, Response},
-};
+use axum::body::{Body, Bytes};
 use http_body::Body as HttpBody;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -18,10 +12,10 @@ use tokio::{
     sync::{watch, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
-use tower::{Service, ServiceExt};
+use tower::ServiceExt;
 
 use crate::{
-    app::{app, AppState, StartupError},
+    app::{app, AppState, ConnectionApp, HttpService, PeerInExtensions, StartupError},
     config::{Config, ServerConfig, SessionStoreKind},
     per_core::{self, CoreRuntimes},
 };
@@ -83,7 +77,7 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
             let limits = ConnectionLimits::from_config(&state.config.server);
             Some(tokio::spawn(serve_router(
                 listener,
-                app,
+                PeerInExtensions(app),
                 limits,
                 None,
                 stopped(stop_rx.clone()),
@@ -118,25 +112,6 @@ pub async fn run(listener: TcpListener, state: AppState) -> Result<(), ServeErro
 /// Resolves once `stop` turns true (or its sender is gone).
 async fn stopped(mut stop: watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
-}
-
-/// What a listener serves: a tower service answering every request (errors are responses).
-pub trait HttpService<B>:
-    Service<Request<Body>, Response = Response<B>, Error = Infallible, Future: Send>
-    + Clone
-    + Send
-    + Sync
-    + 'static
-{
-}
-
-impl<S, B> HttpService<B> for S where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible, Future: Send>
-        + Clone
-        + Send
-        + Sync
-        + 'static
-{
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -183,8 +158,9 @@ where
 /// Accept loop over hyper's HTTP/1 server:
 /// - a connection slot (`max_connections`) is taken *before* accepting, so beyond the cap new
 ///   connections wait in the kernel's backlog and are served once a slot frees;
-/// - every connection gets `TCP_NODELAY`, `ConnectInfo<SocketAddr>` on each request, and the
-///   header read timeout (which hyper also applies to idle keep-alive connections);
+/// - every connection gets `TCP_NODELAY`, its own service knowing the peer
+///   ([`ConnectionApp::for_peer`]), and the header read timeout (which hyper also applies to idle
+///   keep-alive connections);
 /// - with `cores`, each connection is served on the core runtime with the fewest open
 ///   connections (see [`per_core`]); without, on the caller's runtime;
 /// - when `shutdown` resolves the listener is closed at once (new connections are refused), idle
@@ -197,7 +173,7 @@ pub async fn serve_router<A, B, F>(
     cores: Option<&CoreRuntimes>,
     shutdown: F,
 ) where
-    A: HttpService<B>,
+    A: ConnectionApp<B>,
     B: HttpBody<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
     F: Future<Output = ()> + Send,
@@ -230,7 +206,7 @@ pub async fn serve_router<A, B, F>(
                     Ok((stream, peer)) => {
                         let conn = Connection {
                             peer,
-                            app: app.clone(),
+                            app: app.for_peer(peer),
                             header_read_timeout: limits.header_read_timeout,
                             stopping: stopping_rx.clone(),
                             _slot: slot,
@@ -326,8 +302,7 @@ impl<A> Connection<A> {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ConnectInfo(peer));
+        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             app.clone().oneshot(req.map(Body::new))
         });
         let mut builder = http1::Builder::new();

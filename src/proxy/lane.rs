@@ -10,13 +10,14 @@
 use std::{
     convert::Infallible,
     future::{ready, Future, Ready},
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
 use axum::{
-    extract::Request,
+    extract::{ConnectInfo, Request},
     http::{header, request::Parts, Uri},
     response::{IntoResponse, Response},
 };
@@ -31,6 +32,7 @@ use crate::session::{authenticate, authenticate_from_copy, CsrfRule, UserInfo};
 pub struct ChatLaneLayer {
     proxy: Arc<Proxy>,
     cookie_name: Arc<str>,
+    peer: Option<SocketAddr>,
 }
 
 impl ChatLaneLayer {
@@ -38,6 +40,16 @@ impl ChatLaneLayer {
         Self {
             proxy,
             cookie_name: cookie_name.into(),
+            peer: None,
+        }
+    }
+
+    /// The lane of one connection from `peer`: requests carry no `ConnectInfo` to it, and it
+    /// puts one on each request it hands to the router.
+    pub fn for_peer(&self, peer: SocketAddr) -> Self {
+        Self {
+            peer: Some(peer),
+            ..self.clone()
         }
     }
 }
@@ -49,6 +61,7 @@ impl<S> Layer<S> for ChatLaneLayer {
         ChatLane {
             proxy: self.proxy.clone(),
             cookie_name: self.cookie_name.clone(),
+            peer: self.peer,
             rest,
         }
     }
@@ -58,6 +71,9 @@ impl<S> Layer<S> for ChatLaneLayer {
 pub struct ChatLane<S> {
     proxy: Arc<Proxy>,
     cookie_name: Arc<str>,
+    /// The connection's peer (see [`ChatLaneLayer::for_peer`]); `None`: requests carry
+    /// `ConnectInfo` themselves.
+    peer: Option<SocketAddr>,
     /// The router: everything the lane does not take.
     rest: S,
 }
@@ -83,7 +99,12 @@ where
         match self.take(req) {
             Taken::Forward(f) => Either::Left(Either::Left(f)),
             Taken::Refused(res) => Either::Left(Either::Right(ready(Ok(res)))),
-            Taken::ForTheRouter(req) => Either::Right(self.rest.clone().oneshot(req)),
+            Taken::ForTheRouter(mut req) => {
+                if let Some(peer) = self.peer {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                }
+                Either::Right(self.rest.clone().oneshot(req))
+            }
         }
     }
 }
@@ -103,12 +124,13 @@ impl<S> ChatLane<S> {
         };
         let (parts, body) = req.into_parts();
         let proxy = self.proxy.clone();
+        let peer = self.peer;
         if parts.headers.contains_key(header::AUTHORIZATION) {
             // Bearer never touches the session layer; its answers (401 included) are the same
             // as the router's.
             return Taken::Forward(Box::pin(async move {
                 Ok(match authenticate(&proxy.auth, &parts, true).await {
-                    Ok(caller) => forward(&proxy, parts, body, uri, &caller.user).await,
+                    Ok(caller) => forward(&proxy, peer, parts, body, uri, &caller.user).await,
                     Err(e) => e.into_response(),
                 })
             }));
@@ -117,7 +139,7 @@ impl<S> ChatLane<S> {
             None => Taken::ForTheRouter(Request::from_parts(parts, body)),
             Some(Err(e)) => Taken::Refused(e.into_response()),
             Some(Ok(session)) => Taken::Forward(Box::pin(async move {
-                Ok(forward(&proxy, parts, body, uri, &session.user).await)
+                Ok(forward(&proxy, peer, parts, body, uri, &session.user).await)
             })),
         }
     }
@@ -140,12 +162,23 @@ impl<S> ChatLane<S> {
 
 async fn forward(
     proxy: &Proxy,
+    peer: Option<SocketAddr>,
     parts: Parts,
     body: axum::body::Body,
     uri: Uri,
     user: &UserInfo,
 ) -> Response {
-    match proxy.send(parts, body, uri, As::User(user)).await {
+    let peer = match peer {
+        Some(peer) => peer.ip(),
+        None => match crate::end_user::peer(&parts) {
+            Ok(peer) => peer,
+            Err(e) => return e.into_response(),
+        },
+    };
+    match proxy
+        .send_from(peer, parts, body, uri, As::User(user))
+        .await
+    {
         Ok(res) => res,
         Err(e) => e.into_response(),
     }

@@ -105,7 +105,8 @@ pub enum As<'a> {
 
 impl Proxy {
     /// Phases 2–5 of a request whose caller and LibreChat URI are known: acquire the token,
-    /// rewrite, forward (replaying once after a 401), stream the answer back.
+    /// rewrite, forward (replaying once after a 401), stream the answer back. The peer is the
+    /// request's `ConnectInfo`.
     pub async fn send(
         &self,
         parts: Parts,
@@ -113,7 +114,20 @@ impl Proxy {
         uri: axum::http::Uri,
         who: As<'_>,
     ) -> Result<Response, ApiError> {
-        let client = self.auth.end_users.client_info_of(&parts)?;
+        let peer = crate::end_user::peer(&parts)?;
+        self.send_from(peer, parts, body, uri, who).await
+    }
+
+    /// [`Proxy::send`] for a request from `peer` (the socket's; the end user may be behind it).
+    pub async fn send_from(
+        &self,
+        peer: std::net::IpAddr,
+        parts: Parts,
+        body: Body,
+        uri: axum::http::Uri,
+        who: As<'_>,
+    ) -> Result<Response, ApiError> {
+        let client = self.auth.end_users.client_info(peer, &parts.headers);
         // 2. Acquire the user's LibreChat token (in-process when warm).
         let (user, token) = match who {
             As::User(user) | As::UserWithCookie(user) => {

@@ -231,6 +231,19 @@ async fn behind_a_trusted_proxy_each_user_keeps_their_own_address() {
             .collect();
     let expected: Vec<String> = (100..120).map(|i| format!("198.51.100.{i}")).collect();
     assert_eq!(logins, expected);
+    // The proxied requests themselves too (the warm lane knows the peer per connection).
+    let proxied: Vec<String> =
+        w.lc.requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/api/convos"))
+            .filter_map(|r| {
+                r.headers
+                    .get("x-forwarded-for")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .collect();
+    assert_eq!(proxied, expected);
 }
 
 #[tokio::test]
