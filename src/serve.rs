@@ -1,9 +1,20 @@
 //! `serve`: bind, log what runs, answer until SIGINT/SIGTERM, then drain. The HTTP server is a
 //! hand-written accept loop over hyper (header read timeout, connection cap, TCP_NODELAY).
 
-use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    future::Future,
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
+    task::{Context, Poll, Waker},
+    time::Duration,
+};
 
-use axum::body::{Body, Bytes};
+use axum::{
+    body::{Body, Bytes},
+    http::{Request, Response},
+};
 use http_body::Body as HttpBody;
 use hyper::{body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -12,7 +23,7 @@ use tokio::{
     sync::{watch, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
-use tower::ServiceExt;
+use tower::{util::Oneshot, ServiceExt};
 
 use crate::{
     app::{app, AppState, ConnectionApp, HttpService, PeerInExtensions, StartupError},
@@ -159,8 +170,8 @@ where
 /// - a connection slot (`max_connections`) is taken *before* accepting, so beyond the cap new
 ///   connections wait in the kernel's backlog and are served once a slot frees;
 /// - every connection gets `TCP_NODELAY`, its own service knowing the peer
-///   ([`ConnectionApp::for_peer`]), and the header read timeout (which hyper also applies to idle
-///   keep-alive connections);
+///   ([`ConnectionApp::for_peer`], called in place for each request: `InPlace`), and the header
+///   read timeout (which hyper also applies to idle keep-alive connections);
 /// - with `cores`, each connection is served on the core runtime with the fewest open
 ///   connections (see [`per_core`]); without, on the caller's runtime;
 /// - when `shutdown` resolves the listener is closed at once (new connections are refused), idle
@@ -302,9 +313,10 @@ impl<A> Connection<A> {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            app.clone().oneshot(req.map(Body::new))
-        });
+        let service = InPlace {
+            app: std::sync::Mutex::new(app),
+            body: std::marker::PhantomData,
+        };
         let mut builder = http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -328,6 +340,41 @@ impl<A> Connection<A> {
         if let Err(e) = result {
             // Header timeouts, clients gone mid-request, malformed requests: the client's business.
             tracing::debug!(error = %e, %peer, "connection ended with an error");
+        }
+    }
+}
+
+/// hyper's service for one connection: the connection's app called in place when it is ready
+/// (the BFF's stack always is) — no clone of the stack and no `Oneshot` per request (with CORS
+/// configured, a clone copied its origin list). hyper calls one request at a time per HTTP/1
+/// connection; the lock is never contended.
+struct InPlace<A, B> {
+    app: std::sync::Mutex<A>,
+    /// The response body type `A` answers with.
+    body: std::marker::PhantomData<fn() -> B>,
+}
+
+impl<A, B> hyper::service::Service<hyper::Request<Incoming>> for InPlace<A, B>
+where
+    A: HttpService<B>,
+{
+    type Response = Response<B>;
+    type Error = Infallible;
+    type Future = futures_util::future::Either<A::Future, Oneshot<A, Request<Body>>>;
+
+    fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
+        use futures_util::future::Either;
+        let req = req.map(Body::new);
+        let mut app = self
+            .app
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut cx = Context::from_waker(Waker::noop());
+        match app.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Either::Left(app.call(req)),
+            Poll::Ready(Err(never)) => match never {},
+            // Not ready: a clone waits for readiness, as tower's contract asks.
+            Poll::Pending => Either::Right(app.clone().oneshot(req)),
         }
     }
 }
@@ -387,4 +434,110 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutdown signal received; finishing in-flight requests");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        future::{ready, Ready},
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
+        task::{Context, Poll},
+        time::Duration,
+    };
+
+    use axum::{
+        body::Body,
+        http::{Request, Response},
+    };
+    use tokio::net::TcpListener;
+
+    use super::{serve_router, ConnectionLimits};
+    use crate::app::PeerInExtensions;
+
+    /// Counts its clones; not ready at its first `poll_ready` when `pending_first`.
+    struct Counted {
+        clones: Arc<AtomicUsize>,
+        pending_first: bool,
+    }
+
+    impl Clone for Counted {
+        fn clone(&self) -> Self {
+            self.clones.fetch_add(1, Ordering::SeqCst);
+            Self {
+                clones: self.clones.clone(),
+                pending_first: self.pending_first,
+            }
+        }
+    }
+
+    impl tower::Service<Request<Body>> for Counted {
+        type Response = Response<Body>;
+        type Error = Infallible;
+        type Future = Ready<Result<Response<Body>, Infallible>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            if std::mem::take(&mut self.pending_first) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _req: Request<Body>) -> Self::Future {
+            ready(Ok(Response::new(Body::from("ok"))))
+        }
+    }
+
+    /// Serves `app`, sends three requests on one keep-alive connection, returns the clones made.
+    async fn clones_for_three_requests(pending_first: bool) -> usize {
+        let clones = Arc::new(AtomicUsize::new(0));
+        let app = PeerInExtensions(Counted {
+            clones: clones.clone(),
+            pending_first,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = ConnectionLimits {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10,
+            drain_timeout: Duration::from_secs(1),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_router(listener, app, limits, None, async {
+            let _ = stopped.await;
+        }));
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .expect("client");
+        for _ in 0..3 {
+            let res = tokio::time::timeout(
+                Duration::from_secs(10),
+                client.get(format!("http://{addr}/")).send(),
+            )
+            .await
+            .expect("answered in time")
+            .expect("response");
+            assert_eq!(res.text().await.expect("body"), "ok");
+        }
+        let _ = stop.send(());
+        server.await.expect("server");
+        clones.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn a_ready_app_is_called_in_place_without_a_clone_per_request() {
+        // One clone: the connection's own app (`for_peer`); none per request.
+        assert_eq!(clones_for_three_requests(false).await, 1);
+    }
+
+    #[tokio::test]
+    async fn an_app_not_ready_is_waited_for_through_a_clone() {
+        // The connection's app, then one clone for the request that found it not ready.
+        assert_eq!(clones_for_three_requests(true).await, 2);
+    }
 }
