@@ -218,32 +218,24 @@ async fn behind_a_trusted_proxy_each_user_keeps_their_own_address() {
         assert_eq!(res.status(), StatusCode::OK, "user {id}");
     }
     assert_eq!(w.lc.login_calls(), 20, "no login hit the limiter");
-    let logins: Vec<String> =
-        w.lc.requests()
-            .into_iter()
-            .filter(|r| r.path.starts_with("/api/auth/login"))
-            .filter_map(|r| {
-                r.headers
-                    .get("x-forwarded-for")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .collect();
     let expected: Vec<String> = (100..120).map(|i| format!("198.51.100.{i}")).collect();
-    assert_eq!(logins, expected);
+    assert_eq!(forwarded_for(&w, "/api/auth/login"), expected);
     // The proxied requests themselves too (the warm lane knows the peer per connection).
-    let proxied: Vec<String> =
-        w.lc.requests()
-            .into_iter()
-            .filter(|r| r.path.starts_with("/api/convos"))
-            .filter_map(|r| {
-                r.headers
-                    .get("x-forwarded-for")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .collect();
-    assert_eq!(proxied, expected);
+    assert_eq!(forwarded_for(&w, "/api/convos"), expected);
+}
+
+/// The `X-Forwarded-For` LibreChat saw on each request whose path starts with `prefix`.
+fn forwarded_for(w: &World, prefix: &str) -> Vec<String> {
+    w.lc.requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with(prefix))
+        .filter_map(|r| {
+            r.headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -259,16 +251,7 @@ async fn an_untrusted_peers_forwarded_for_is_ignored() {
         .await
         .expect("send");
     assert_eq!(res.status(), StatusCode::OK);
-    let seen: Vec<String> =
-        w.lc.requests()
-            .into_iter()
-            .filter_map(|r| {
-                r.headers
-                    .get("x-forwarded-for")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            })
-            .collect();
+    let seen = forwarded_for(&w, "/");
     assert!(!seen.is_empty());
     assert!(seen.iter().all(|x| x == "127.0.0.1"), "{seen:?}");
 }
